@@ -1,0 +1,795 @@
+"""Poly-view contrastive learning (Shidani et al., ICLR 2024, arXiv 2403.05490), in one file.
+
+SimCLR learns an image encoder by matching two augmented views of each image against the views of
+the other images in the batch. Poly-view contrastive learning draws M > 2 views of each of K images
+and asks the encoder to match all of them at once. Its objectives (Geometric and Arithmetic PVC,
+Sufficient Statistics) come from maximising the One-vs-Rest mutual information between a view and
+the other M - 1 views of its image. The paper's headline: 128 epochs at batch 256 with M views beat
+SimCLR at 1024 epochs and batch 4096 on ImageNet-1k.
+
+    python polyview.py --data /path/to/imagenet --loss suffstats --views 8             # one GPU
+    torchrun --nproc_per_node=8 polyview.py --data /path/to/imagenet --loss suffstats  # eight GPUs
+    python polyview.py --dataset cifar10 --data ./data --arch resnet18 --loss suffstats
+    python polyview.py --dataset fake --benchmark        # views/s of the step, the backbone, the data
+    python polyview.py --bench-loss                      # cost of each objective
+
+The file reads top to bottom: config, distributed helpers, data and views, model, objectives,
+optimiser and schedule, linear probe, training, benchmarks, main. The math is in the docstrings
+of the objectives; the naive loops they are tested against are in test_polyview.py.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.transforms import v2
+
+# ----------------------------------------------------------------------------------------------
+# Config. Every default follows SimCLR's recipe (Chen et al., 2020) unless it says otherwise.
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Poly-view contrastive pre-training of a ResNet, then a linear probe. "
+        "Each step draws M augmented views of each of K images; every view is matched to the other "
+        "views of its image against all views of the other images (the negatives).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--loss", default="suffstats", choices=list(LOSSES),
+                   help="objective: simclr (M = 2), multicrop (SimCLR over view pairs), geometric or "
+                   "arithmetic PVC (-log of the geometric / arithmetic mean of the M-1 positives' "
+                   "probabilities), suffstats (one positive: the mean of the other views)")
+    p.add_argument("--views", type=int, default=None, help="M, views per image (default: 2 for simclr, 4 otherwise)")
+    p.add_argument("--batch-size", type=int, default=256, help="K, unique images per step over all GPUs")
+    p.add_argument("--epochs", type=int, default=128, help="pre-training epochs (0: probe a random backbone)")
+    p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"], help="torchvision backbone")
+    p.add_argument("--dataset", default="imagenet", choices=["imagenet", "folder", "cifar10", "cifar100", "fake"],
+                   help="imagenet/folder: ImageFolders DATA/train and DATA/val; cifar*: torchvision's "
+                   "(downloaded into DATA); fake: random images, for throughput")
+    p.add_argument("--data", default="./data", help="dataset folder")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="side of the crops (default 224, 32 for CIFAR); at 64 or less the small-image "
+                   "recipe: 3x3 stride-1 stem, no max-pool, jitter strength 0.5, no blur")
+    p.add_argument("--out", default="runs/polyview", help="run folder: checkpoint.pt, metrics.jsonl, loss.png, probe.json")
+    p.add_argument("--lr", type=float, default=0.3, help="base learning rate; the peak is lr * K / 256")
+    p.add_argument("--temperature", type=float, default=None, help="tau (default 0.1, 0.2 for small images)")
+    p.add_argument("--weight-decay", type=float, default=1e-6, help="LARS weight decay (not on BN and biases)")
+    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, at most a tenth of the run")
+    p.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of every view")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--probe-epochs", type=int, default=90, help="epochs of the linear probe (0 skips it)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt if it exists (else start fresh), so that the "
+                   "same command can be relaunched after a crash")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    p.add_argument("--benchmark", action="store_true", help="print views/s of the step, the backbone and the data path")
+    p.add_argument("--bench-loss", action="store_true", help="print the cost of each objective against cross-entropy")
+    args = p.parse_args(argv)
+    small = args.dataset.startswith("cifar")
+    args.image_size = args.image_size or (32 if small else 224)
+    args.small_images = args.image_size <= 64
+    if args.temperature is None:
+        args.temperature = 0.2 if args.small_images else 0.1
+    if args.views is None:
+        args.views = 2 if args.loss == "simclr" else 4
+    return args
+
+
+class UserError(Exception):
+    """A problem with the command line, the data or the run folder: reported in one line, exit 2."""
+
+
+def check_args(args, world_size):
+    """Fail fast, before any data or GPU is touched, on settings the run could not survive."""
+    try:  # the objective itself knows its rules (M >= 2, simclr needs M = 2, tau > 0)
+        LOSSES[args.loss](torch.randn(2, args.views, 4), args.temperature)
+    except ValueError as error:
+        raise UserError(f"--loss {args.loss} --views {args.views} --temperature {args.temperature}: {error}")
+    if args.batch_size < 2 or args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} must be >= 2 and divisible by the {world_size} processes")
+    for flag in ("epochs", "workers", "probe_epochs"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0")
+    if args.log_every < 1:
+        raise UserError("--log-every must be >= 1")
+    if args.lr <= 0 or args.weight_decay < 0 or args.warmup_epochs < 0:
+        raise UserError("--lr must be > 0, --weight-decay and --warmup-epochs >= 0")
+    if args.dataset in ("imagenet", "folder"):
+        for split in ("train", "val"):
+            if not (Path(args.data) / split).is_dir():
+                raise UserError(f"--data {args.data} must hold the ImageFolders train/ and val/ ({split}/ is missing)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no GPU is visible (use --device cpu)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers. The RANK variable (set by torchrun) switches DDP on, as in nanoGPT.
+# ----------------------------------------------------------------------------------------------
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """All ranks' embeddings, [k, ...] -> [k * world, ...], in rank order, with gradients.
+
+    Every rank's loss uses every rank's embeddings as negatives, so the gradient of the embeddings
+    this rank produced is the sum of the gradients all ranks' losses send them: backward sums over
+    ranks (all-reduce) and keeps this rank's slice. With DDP's gradient averaging on top, this is
+    exactly the gradient of the single-process, full-batch loss.
+    """
+
+    @staticmethod
+    def forward(ctx, z):
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def contrastive_loss(model, views, objective, temperature):
+    """The loss of this rank's anchors, views [k, M, C, H, W], against the views of all ranks."""
+    z = model(views)                                                  # [k, M, D]
+    rank, k = 0, len(views)
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        z = GatherWithGrad.apply(z)                                   # [K, M, D], K = k * world
+    return objective(z, temperature, anchors=slice(rank * k, (rank + 1) * k))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and views
+# ----------------------------------------------------------------------------------------------
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def simclr_augmentation(size, small_images):
+    """SimCLR's views: random-resized crop (area 0.08-1, aspect 3/4-4/3), horizontal flip, colour
+    jitter (0.8s, 0.8s, 0.8s, 0.2s) with p = 0.8, grayscale with p = 0.2, Gaussian blur with p = 0.5,
+    sigma in [0.1, 2] and a kernel of about 10% of the side. s = 1, or 0.5 and no blur on small
+    images (CIFAR)."""
+    s = 0.5 if small_images else 1.0
+    steps = [
+        v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ]
+    if not small_images:
+        steps.append(v2.RandomApply([v2.GaussianBlur(int(0.1 * size) // 2 * 2 + 1, sigma=(0.1, 2.0))], p=0.5))
+    return v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+def centre_crop(size, small_images):
+    """The probe's view: resize the short side to 8/7 of the crop (small images: to the crop) and
+    take the centre."""
+    resize = v2.Resize(size if small_images else size * 8 // 7, antialias=True)
+    return v2.Compose([resize, v2.CenterCrop(size), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(MEAN, STD)])
+
+
+class MultiView(torch.utils.data.Dataset):
+    """Item i: (views [M, C, H, W], label), M independent augmentations of one decoded image.
+
+    An image that cannot be decoded is skipped with a warning naming its file (the next one
+    stands in for it), so that one bad file cannot stop a run of days."""
+
+    def __init__(self, dataset, transform, num_views):
+        self.dataset, self.transform, self.num_views = dataset, transform, num_views
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        for i in range(index, index + len(self.dataset)):
+            try:
+                image, label = self.dataset[i % len(self.dataset)]  # decoded once ...
+                break
+            except OSError as error:
+                name = self.dataset.samples[i % len(self.dataset)][0] if hasattr(self.dataset, "samples") else i
+                warnings.warn(f"skipping undecodable image {name}: {error}")
+        return torch.stack([self.transform(image) for _ in range(self.num_views)]), label  # ... M views
+
+
+def make_datasets(args):
+    """(pre-training set of M-view items, probe train set, probe val set of centre crops)."""
+    if args.dataset in ("imagenet", "folder"):
+        train = torchvision.datasets.ImageFolder(Path(args.data) / "train")
+        val = torchvision.datasets.ImageFolder(Path(args.data) / "val")
+    elif args.dataset == "fake":
+        shape = (3, args.image_size, args.image_size)
+        train = torchvision.datasets.FakeData(50 * args.batch_size, shape, num_classes=10)
+        val = torchvision.datasets.FakeData(10 * args.batch_size, shape, num_classes=10, random_offset=10**6)
+    else:
+        cifar = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
+        train, val = cifar(args.data, train=True, download=True), cifar(args.data, train=False, download=True)
+    views = simclr_augmentation(args.image_size, args.small_images)
+    crop = centre_crop(args.image_size, args.small_images)
+    return MultiView(train, views, args.views), MultiView(train, crop, 1), MultiView(val, crop, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+class PolyViewNet(nn.Module):
+    """torchvision ResNet without its classifier (the features), then SimCLR's projector
+    Linear(F, 2048) - BN - ReLU - Linear(2048, 128) (the embeddings z the objectives see)."""
+
+    def __init__(self, arch="resnet50", small_images=False, dim=128):
+        super().__init__()
+        self.backbone = getattr(torchvision.models, arch)()
+        if small_images:  # 32x32 inputs: keep the resolution, as in SimCLR's CIFAR models
+            self.backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.backbone.maxpool = nn.Identity()
+        self.feature_dim = self.backbone.fc.in_features
+        self.backbone.fc = nn.Identity()
+        self.projector = nn.Sequential(
+            nn.Linear(self.feature_dim, 2048), nn.BatchNorm1d(2048), nn.ReLU(inplace=True), nn.Linear(2048, dim)
+        )
+
+    def forward(self, views):
+        k, M = views.shape[:2]
+        features = self.backbone(views.flatten(0, 1))                  # [k*M, F]
+        return self.projector(features).view(k, M, -1)                # [k, M, D]
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives
+#
+# Every function takes z of shape [K, M, D]: K unique samples, M views each, D embedding dims,
+# and returns the mean loss over the anchors (i, a). `anchors` is an optional slice of sample
+# indices: only those samples' views act as anchors, but they are contrasted against all of z.
+# This is how one process of many computes its share of the loss against a gathered batch.
+#
+# Each function repeats the same short prologue (checks, normalisation, one similarity product)
+# on purpose: every objective depends on torch alone and can be copied out of this file by itself.
+# ----------------------------------------------------------------------------------------------
+
+
+def simclr_loss(z, temperature, anchors=None):
+    """SimCLR's NT-Xent (Chen et al., 2020) for M = 2 views: z is [K, 2, D].
+
+    Each anchor view's positive is the other view of its sample; its candidates are all 2K - 1
+    other views in the batch:
+
+        l[i,a] = -s(ia, ib) + log sum_{(j,g) != (i,a)} exp s(ia, jg),   b = 1 - a,
+        s(ia, jg) = <z[i,a], z[j,g]> / tau,                              L = mean over i, a.
+    """
+    if z.dim() != 3:
+        raise ValueError(f"z must have shape [K, M, D] (rank 3), got rank {z.dim()}")
+    K, M, _ = z.shape
+    if K < 2 or M != 2:
+        raise ValueError(f"simclr needs K >= 2 samples and exactly M = 2 views, got K={K}, M={M}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    anchors = slice(0, K) if anchors is None else anchors
+    if anchors.indices(K) != (anchors.start, anchors.stop, 1) or anchors.start >= anchors.stop:
+        raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
+    z = F.normalize(z, dim=-1).flatten(0, 1)                            # [K*2, D], view a of i at 2i + a
+    own = torch.arange(2 * anchors.start, 2 * anchors.stop, device=z.device)  # [A*2] anchors' columns
+    logits = z[own] @ z.T / temperature                                  # [A*2, K*2]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    columns = torch.arange(2 * K, device=z.device)
+    logits = logits.masked_fill(columns == own[:, None], float("-inf"))  # a view is not its own candidate
+    return F.cross_entropy(logits, own ^ 1)                              # the positive is 2i + (1 - a)
+
+
+def multicrop_loss(z, temperature, anchors=None):
+    """Multi-Crop (Caron et al., 2020): SimCLR averaged over the ordered view pairs (a, b), a != b.
+
+    The pair term only sees views a and b of the other samples, 2(K - 1) negatives whatever M is:
+
+        l[i,a,b] = -s(ia, ib) + log( exp s(ia, ib) + sum_{j != i} [exp s(ia, ja) + exp s(ia, jb)] ),
+        L = mean over i, a, b != a.
+    """
+    if z.dim() != 3:
+        raise ValueError(f"z must have shape [K, M, D] (rank 3), got rank {z.dim()}")
+    K, M, _ = z.shape
+    if K < 2 or M < 2:
+        raise ValueError(f"need K >= 2 samples and M >= 2 views, got K={K}, M={M}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    anchors = slice(0, K) if anchors is None else anchors
+    if anchors.indices(K) != (anchors.start, anchors.stop, 1) or anchors.start >= anchors.stop:
+        raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
+    ids = torch.arange(anchors.start, anchors.stop, device=z.device)     # [A] anchor sample ids
+    z = F.normalize(z, dim=-1)
+    sim = (z[ids].flatten(0, 1) @ z.flatten(0, 1).T / temperature).view(len(ids), M, K, M)
+    sim = sim.to(torch.promote_types(sim.dtype, torch.float32))         # [A, M, K, M] = s(ia, jg)
+    same = ids[:, None] == torch.arange(K, device=z.device)             # [A, K]: j == i
+    positives = sim.transpose(1, 2)[same]                                # [A, M, M] = s(ia, ib)
+    # log sum_{j != i} exp s(ia, jg), for every anchor view a and every view g of the others
+    per_view = sim.masked_fill(same[:, None, :, None], float("-inf")).logsumexp(dim=2)  # [A, M, M]
+    own_view = per_view.diagonal(dim1=1, dim2=2)[:, :, None].expand_as(per_view)      # g = a
+    log_denominator = torch.stack([positives, own_view, per_view]).logsumexp(dim=0)   # [A, M, M]
+    off_diagonal = ~torch.eye(M, dtype=torch.bool, device=z.device)
+    return (log_denominator - positives)[:, off_diagonal].mean()
+
+
+def geometric_loss(z, temperature, anchors=None):
+    """Geometric PVC (Shidani et al., 2024): minus the log of the geometric mean of the M - 1
+    per-positive probabilities of each anchor.
+
+    Every anchor (i, a) shares one set of negatives, all views of all other samples:
+
+        N[i,a]   = sum_{j != i} sum_g exp s(ia, jg)                      (M(K - 1) terms)
+        l[i,a,b] = -s(ia, ib) + log( exp s(ia, ib) + N[i,a] ),            p[i,a,b] = exp(-l[i,a,b])
+        L        = mean over i, a, b != a of l[i,a,b].
+    """
+    if z.dim() != 3:
+        raise ValueError(f"z must have shape [K, M, D] (rank 3), got rank {z.dim()}")
+    K, M, _ = z.shape
+    if K < 2 or M < 2:
+        raise ValueError(f"need K >= 2 samples and M >= 2 views, got K={K}, M={M}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    anchors = slice(0, K) if anchors is None else anchors
+    if anchors.indices(K) != (anchors.start, anchors.stop, 1) or anchors.start >= anchors.stop:
+        raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
+    ids = torch.arange(anchors.start, anchors.stop, device=z.device)     # [A] anchor sample ids
+    z = F.normalize(z, dim=-1)
+    sim = (z[ids].flatten(0, 1) @ z.flatten(0, 1).T / temperature).view(len(ids), M, K, M)
+    sim = sim.to(torch.promote_types(sim.dtype, torch.float32))         # [A, M, K, M] = s(ia, jg)
+    same = ids[:, None] == torch.arange(K, device=z.device)             # [A, K]: j == i
+    positives = sim.transpose(1, 2)[same]                                # [A, M, M] = s(ia, ib)
+    log_negatives = sim.masked_fill(same[:, None, :, None], float("-inf")).logsumexp(dim=(2, 3))
+    losses = torch.logaddexp(positives, log_negatives[:, :, None]) - positives  # [A, M, M] = l[i,a,b]
+    off_diagonal = ~torch.eye(M, dtype=torch.bool, device=z.device)
+    return losses[:, off_diagonal].mean()
+
+
+def arithmetic_loss(z, temperature, anchors=None):
+    """Arithmetic PVC (Shidani et al., 2024): minus the log of the arithmetic mean of the M - 1
+    per-positive probabilities of each anchor. With l, p and N[i,a] as in `geometric_loss`:
+
+        L = mean over i, a of -log( 1/(M-1) sum_{b != a} p[i,a,b] )
+          = mean over i, a of  log(M - 1) - logsumexp_{b != a} ( -l[i,a,b] ).
+
+    By AM >= GM it is never above the Geometric loss; the two agree at M = 2.
+    """
+    # A deliberate reading: copies of the paper's pseudo-code write this branch as
+    # logsumexp(losses) - log(k), a soft-max over pair losses. We follow the objective's name and
+    # the AM >= GM ordering against Geometric PVC: -log of the arithmetic mean of the p[i,a,b].
+    if z.dim() != 3:
+        raise ValueError(f"z must have shape [K, M, D] (rank 3), got rank {z.dim()}")
+    K, M, _ = z.shape
+    if K < 2 or M < 2:
+        raise ValueError(f"need K >= 2 samples and M >= 2 views, got K={K}, M={M}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    anchors = slice(0, K) if anchors is None else anchors
+    if anchors.indices(K) != (anchors.start, anchors.stop, 1) or anchors.start >= anchors.stop:
+        raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
+    ids = torch.arange(anchors.start, anchors.stop, device=z.device)     # [A] anchor sample ids
+    z = F.normalize(z, dim=-1)
+    sim = (z[ids].flatten(0, 1) @ z.flatten(0, 1).T / temperature).view(len(ids), M, K, M)
+    sim = sim.to(torch.promote_types(sim.dtype, torch.float32))         # [A, M, K, M] = s(ia, jg)
+    same = ids[:, None] == torch.arange(K, device=z.device)             # [A, K]: j == i
+    positives = sim.transpose(1, 2)[same]                                # [A, M, M] = s(ia, ib)
+    log_negatives = sim.masked_fill(same[:, None, :, None], float("-inf")).logsumexp(dim=(2, 3))
+    log_p = positives - torch.logaddexp(positives, log_negatives[:, :, None])  # [A, M, M] = -l[i,a,b]
+    log_p = log_p.masked_fill(torch.eye(M, dtype=torch.bool, device=z.device), float("-inf"))
+    return (math.log(M - 1) - log_p.logsumexp(dim=2)).mean()
+
+
+def suffstats_loss(z, temperature, anchors=None):
+    """Sufficient Statistics (Shidani et al., 2024): one positive per anchor, the re-normalised
+    mean of the anchor's other views, contrasted against the same negatives N[i,a] as PVC:
+
+        t[i,a] = normalise( sum_{b != a} z[i,b] ),        u[i,a] = <z[i,a], t[i,a]> / tau,
+        L      = mean over i, a of -u[i,a] + log( exp u[i,a] + N[i,a] ).
+
+    At M = 2, t[i,a] is the other view and this is SimCLR.
+    """
+    # A deliberate reading: the mean of the other views is the sufficient statistic of the
+    # rest-set (the exponential-family argument); contrasting it against the PVC negatives makes
+    # this objective exactly SimCLR at M = 2.
+    if z.dim() != 3:
+        raise ValueError(f"z must have shape [K, M, D] (rank 3), got rank {z.dim()}")
+    K, M, _ = z.shape
+    if K < 2 or M < 2:
+        raise ValueError(f"need K >= 2 samples and M >= 2 views, got K={K}, M={M}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    anchors = slice(0, K) if anchors is None else anchors
+    if anchors.indices(K) != (anchors.start, anchors.stop, 1) or anchors.start >= anchors.stop:
+        raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
+    ids = torch.arange(anchors.start, anchors.stop, device=z.device)     # [A] anchor sample ids
+    z = F.normalize(z, dim=-1)
+    sim = (z[ids].flatten(0, 1) @ z.flatten(0, 1).T / temperature).view(len(ids), M, K, M)
+    sim = sim.to(torch.promote_types(sim.dtype, torch.float32))         # [A, M, K, M] = s(ia, jg)
+    same = ids[:, None] == torch.arange(K, device=z.device)             # [A, K]: j == i
+    log_negatives = sim.masked_fill(same[:, None, :, None], float("-inf")).logsumexp(dim=(2, 3))
+    rest = F.normalize(z[ids].sum(dim=1, keepdim=True) - z[ids], dim=-1)  # [A, M, D] = t[i,a]
+    u = (z[ids] * rest).sum(dim=-1) / temperature                        # [A, M]
+    u = u.to(log_negatives.dtype)
+    return (torch.logaddexp(u, log_negatives) - u).mean()
+
+
+LOSSES = {
+    "simclr": simclr_loss,
+    "multicrop": multicrop_loss,
+    "geometric": geometric_loss,
+    "arithmetic": arithmetic_loss,
+    "suffstats": suffstats_loss,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# ----------------------------------------------------------------------------------------------
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum, each weight's step scaled by its layer's trust ratio (You et al., 2017):
+
+        g = grad + weight_decay * w,     g <- trust_coefficient * ||w|| / ||g|| * g,
+        v <- momentum * v + g,           w <- w - lr * v.
+
+    As in SimCLR, biases and BatchNorm parameters (the 1-D ones) get neither decay nor adaptation.
+    """
+
+    def __init__(self, params, lr, weight_decay=1e-6, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                g = w.grad
+                if w.ndim > 1:
+                    g = g.add(w, alpha=group["weight_decay"])
+                    w_norm, g_norm = w.norm(), g.norm()
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["trust_coefficient"] * w_norm / g_norm, 1.0)
+                    g = g.mul(trust)
+                if "velocity" not in self.state[w]:
+                    self.state[w]["velocity"] = torch.zeros_like(w)
+                velocity = self.state[w]["velocity"].mul_(group["momentum"]).add_(g)
+                w.add_(velocity, alpha=-group["lr"])
+
+
+def learning_rate(step, total_steps, warmup_steps, peak):
+    """Linear warm-up to the peak over warmup_steps, then cosine decay to 0 at total_steps:
+
+        lr(t) = peak * (t + 1) / W                                  for t < W,
+        lr(t) = peak * (1 + cos(pi * (t - W) / (T - W))) / 2        after.
+    """
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear probe: frozen backbone, features of centre crops, a linear classifier and a k-NN on top
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def extract_features(backbone, loader, device):
+    """(features [N, F] in float32, labels [N]) of a loader of single centre crops, in eval mode."""
+    backbone.eval()
+    features, labels = [], []
+    for views, label in loader:                                       # views [B, 1, C, H, W]
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            features.append(backbone(views.flatten(0, 1).to(device, non_blocking=True)).float())
+        labels.append(label.to(device))
+    return torch.cat(features), torch.cat(labels)
+
+
+def linear_probe(backbone, train_loader, val_loader, epochs, device):
+    """Top-1 and top-5 of a linear classifier on frozen features, and k-NN top-1 (k = 20, cosine
+    similarity, votes weighted by exp(similarity / 0.07) as in Wu et al., 2018), in percent."""
+    before = [t.clone() for t in backbone.state_dict().values()]
+    train_x, train_y = extract_features(backbone, train_loader, device)
+    val_x, val_y = extract_features(backbone, val_loader, device)
+    if not all(torch.equal(a, b) for a, b in zip(before, backbone.state_dict().values())):
+        raise RuntimeError("the backbone changed during feature extraction: the probe would not be frozen")
+    classes = int(max(train_y.max(), val_y.max())) + 1
+
+    # k-NN: each val image votes with its 20 most similar train images.
+    bank, votes = F.normalize(train_x, dim=1), []
+    for chunk in F.normalize(val_x, dim=1).split(1024):
+        similarity, index = (chunk @ bank.T).topk(min(20, len(bank)), dim=1)     # [B, 20]
+        scores = torch.zeros(len(chunk), classes, device=device)
+        votes.append(scores.scatter_add_(1, train_y[index], (similarity / 0.07).exp()).argmax(1))
+    knn_top1 = (torch.cat(votes) == val_y).float().mean().item() * 100
+
+    # Linear classifier on standardised features (a BatchNorm without affine, frozen at the end).
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    classifier = nn.Linear(train_x.shape[1], classes).to(device)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(train_x) / 1024)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
+    for _ in range(epochs):
+        for batch in torch.randperm(len(train_x), device=device).split(1024):
+            loss = F.cross_entropy(classifier(train_x[batch]), train_y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    with torch.no_grad():
+        top5 = classifier(val_x).topk(min(5, classes), dim=1).indices                # [N, 5]
+    hits = top5 == val_y[:, None]
+    return {"top1": hits[:, 0].float().mean().item() * 100, "top5": hits.any(1).float().mean().item() * 100,
+            "knn_top1": knn_top1}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+MUST_MATCH_ON_RESUME = ("arch", "loss", "views", "batch_size", "dataset", "image_size")
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, then rename it over the old one: a crash while writing leaves
+    the previous checkpoint whole (a rename within one folder is atomic)."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, args):
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    for key in MUST_MATCH_ON_RESUME:
+        if checkpoint["args"][key] != getattr(args, key):
+            raise UserError(f"{path} was trained with --{key.replace('_', '-')} {checkpoint['args'][key]}, "
+                            f"this run asks for --{key.replace('_', '-')} {getattr(args, key)}")
+    return checkpoint
+
+
+def log_window(window, step, epoch, lr, seconds, data_seconds, args, world_size, steps_left, out):
+    """Average the window's losses over ranks, stop on a non-finite one, print and append a line."""
+    losses = torch.stack(window).float()
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):  # the weights are already poisoned: stop, and keep the last checkpoint as it is
+        raise UserError(f"loss is {losses[bad[0, 0]].item()} at step {step - len(window) + int(bad[0, 0]) + 1} "
+                        f"(epoch {epoch}); stopping, the last good checkpoint is {out / 'checkpoint.pt'}")
+    loss = losses.mean()
+    if world_size > 1:
+        dist.all_reduce(loss)
+        loss /= world_size
+    record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
+              "views_per_s": len(window) * args.batch_size * args.views / seconds, "data_wait": data_seconds / seconds,
+              "eta_s": steps_left * seconds / len(window)}
+    return record
+
+
+def train(args):
+    distributed = "RANK" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    master = rank == 0  # rank 0 alone prints and writes files
+    check_args(args, world_size)
+    out, device = Path(args.out), torch.device(args.device)
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    checkpoint_path = out / "checkpoint.pt"
+    checkpoint = None
+    if checkpoint_path.exists():
+        if not args.resume:
+            raise UserError(f"{checkpoint_path} exists: add --resume to continue it, or choose another --out")
+        checkpoint = load_checkpoint(checkpoint_path, args)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+
+    pretrain_set, probe_train_set, probe_val_set = make_datasets(args)
+    local_batch = args.batch_size // world_size
+    sampler = torch.utils.data.DistributedSampler(pretrain_set, world_size, rank, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(pretrain_set, local_batch, sampler=sampler, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", drop_last=True)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(pretrain_set)} images make no full batch of {args.batch_size} (per process: {local_batch})")
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(min(args.warmup_epochs, args.epochs / 10) * steps_per_epoch)
+    peak_lr = args.lr * args.batch_size / 256
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = PolyViewNet(args.arch, args.small_images)
+    optimizer = LARS(model.parameters(), lr=peak_lr, weight_decay=args.weight_decay)
+    start_epoch = step = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        if master:
+            print(f"resuming {checkpoint_path} at epoch {start_epoch}, step {step}")
+            if (out / "metrics.jsonl").exists():  # drop what the crashed run logged after its checkpoint
+                lines = (out / "metrics.jsonl").read_text().splitlines()
+                kept = [line + "\n" for line in lines if json.loads(line)["step"] <= step]
+                (out / "metrics.jsonl").write_text("".join(kept))
+    if distributed and device.type == "cuda":
+        # The M views of an image share a GPU, so per-GPU batch statistics would leak which views
+        # belong together; synchronised BN computes them over the whole global batch instead.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    raw_model = model  # what the checkpoints and the probe use
+    if args.compile:
+        model.backbone.compile()  # in place: the state_dict keys stay the same
+    if distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    objective = LOSSES[args.loss]
+    if master:
+        params = sum(p.numel() for p in raw_model.parameters()) / 1e6
+        print(f"{args.loss}: K={args.batch_size} images x M={args.views} views per step on {world_size} x {device.type}, "
+              f"{args.arch} ({params:.1f}M parameters), {steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g}")
+
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        sampler.set_epoch(epoch)
+        # Seeding each epoch by (seed, rank, epoch) makes its views the same whether or not the run
+        # was resumed, with or without worker processes (they draw their seeds from this RNG).
+        torch.manual_seed(args.seed + rank + world_size * (epoch + 1))
+        window, tick, data_seconds = [], time.perf_counter(), 0.0
+        loading = time.perf_counter()
+        for views, _ in loader:                                      # [K / world, M, C, H, W]
+            data_seconds += time.perf_counter() - loading
+            lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            views = views.to(device, non_blocking=True)
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss = contrastive_loss(model, views, objective, args.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            window.append(loss.detach())  # no host sync here: losses are read once per log line
+            step += 1
+            if step % args.log_every == 0 or step % steps_per_epoch == 0:
+                seconds = time.perf_counter() - tick
+                record = log_window(window, step, epoch, lr, seconds, data_seconds, args, world_size,
+                                    total_steps - step, out)
+                if master:
+                    print(f"epoch {epoch} step {step}/{total_steps} loss {record['loss']:.4f} lr {lr:.3g} "
+                          f"{record['views_per_s']:.0f} views/s data {record['data_wait']:.0%} "
+                          f"eta {record['eta_s'] / 60:.1f} min", flush=True)
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                window, tick, data_seconds = [], time.perf_counter(), 0.0
+            loading = time.perf_counter()
+        if master:
+            save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "epoch": epoch + 1, "step": step, "args": vars(args)}, checkpoint_path)
+
+    if distributed:
+        dist.destroy_process_group()
+    if not master:
+        return
+    if (out / "metrics.jsonl").exists():
+        plot_loss(out)
+    if args.probe_epochs > 0:  # rank 0 alone, after the other ranks have left
+        probe_loaders = [torch.utils.data.DataLoader(s, 256, num_workers=args.workers) for s in (probe_train_set, probe_val_set)]
+        result = linear_probe(raw_model.backbone, *probe_loaders, args.probe_epochs, device)
+        print(f"linear probe: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  k-NN top-1 {result['knn_top1']:.2f}%")
+        (out / "probe.json").write_text(json.dumps(result) + "\n")
+
+
+def plot_loss(out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
+    ax.set(xlabel="step", ylabel="loss", title="pre-training loss")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmarks
+# ----------------------------------------------------------------------------------------------
+
+
+def measure(fn, repeats, device):
+    """Median seconds of fn() over repeats, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_loss(device, repeats=5):
+    """Forward + backward of each objective against a plain cross-entropy over one [KM, KM]
+    similarity matrix (the floor any of them can reach), and against the naive loops of
+    test_polyview.py where those finish in seconds (K = 64). Memory: peak allocated on CUDA; on
+    the CPU, the bytes the objective saves for its backward pass."""
+    try:
+        from test_polyview import naive_loss
+    except ImportError:
+        naive_loss = None
+
+    def cross_entropy(z, temperature):
+        x = F.normalize(z.flatten(0, 1), dim=-1)
+        logits = (x @ x.T / temperature).fill_diagonal_(float("-inf"))
+        targets = torch.arange(len(x), device=x.device) ^ 1       # any fixed positive per row
+        return F.cross_entropy(logits, targets)
+
+    def cost(fn, z):
+        def step():
+            fn(z, 0.1).backward()
+        seconds = measure(step, repeats, device)
+        saved = []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            return seconds, (torch.cuda.max_memory_allocated() - base) / 2**20
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            fn(z, 0.1)
+        return seconds, sum(saved) / 2**20
+
+    print(f"{'K':>4} {'M':>2} {'objective':>10} {'ms':>8} {'x CE':>6} {'MiB':>8} {'loop ms':>9}   (D = 128, {device.type})")
+    for K in (64, 256):
+        for M in (2, 4, 8):
+            z = torch.randn(K, M, 128, device=device, requires_grad=True)
+            floor, _ = cost(cross_entropy, z)
+            print(f"{K:4} {M:2} {'plain CE':>10} {floor * 1e3:8.2f} {1:6.2f}")
+            for name, fn in LOSSES.items():
+                if name == "simclr" and M != 2:
+                    continue
+                seconds, mib = cost(fn, z)
+                loop = "-"
+                if naive_loss is not None and K == 64:
+                    z64 = z.detach().double().requires_grad_()
+                    loop = f"{measure(lambda: naive_loss(name, z64, 0.1).backward(), 1, device) * 1e3:9.0f}"
+                print(f"{K:4} {M:2} {name:>10} {seconds * 1e3:8.2f} {seconds / floor:6.2f} {mib:8.1f} {loop:>9}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.bench_loss:
+        return bench_loss(torch.device(args.device))
+    try:
+        train(args)
+    except UserError as error:
+        print(f"polyview.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,472 @@
+"""Tests for polyview: the objectives against naive loops, then the training program end to end.
+
+Run with `python -m pytest` from the repository root (about N minutes on two CPU cores).
+"""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import polyview
+from polyview import LOSSES
+
+POLY_VIEW = ["multicrop", "geometric", "arithmetic", "suffstats"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Naive references, written straight from the formulas of SPEC section 2: plain loops over
+# anchors, positives and other samples, no masks. Slow, float64, obviously right.
+# ----------------------------------------------------------------------------------------------
+
+
+def naive_loss(name, z, temperature, anchors=None):
+    K, M, _ = z.shape
+    z = z / z.norm(dim=-1, keepdim=True)
+    s = torch.einsum("iad,jgd->iajg", z, z) / temperature  # s[i,a,j,g] = <z_ia, z_jg> / tau
+
+    def negatives(i, a, views):  # sum over j != i and g in views of exp s(ia, jg)
+        return sum(s[i, a, j, views].exp().sum() for j in range(K) if j != i)
+
+    terms = []
+    for i in range(K)[anchors or slice(None)]:
+        for a in range(M):
+            others = [b for b in range(M) if b != a]
+            N = negatives(i, a, list(range(M)))
+            if name == "simclr":  # all 2K - 1 other views are candidates
+                b = 1 - a
+                candidates = sum(s[i, a, j, g].exp() for j in range(K) for g in range(M) if (j, g) != (i, a))
+                terms.append(-s[i, a, i, b] + candidates.log())
+            elif name == "multicrop":
+                for b in others:
+                    pair_negatives = negatives(i, a, [a, b])
+                    terms.append(-s[i, a, i, b] + (s[i, a, i, b].exp() + pair_negatives).log())
+            elif name == "geometric":
+                for b in others:
+                    terms.append(-s[i, a, i, b] + (s[i, a, i, b].exp() + N).log())
+            elif name == "arithmetic":
+                p = [s[i, a, i, b].exp() / (s[i, a, i, b].exp() + N) for b in others]
+                terms.append(-(sum(p) / (M - 1)).log())
+            elif name == "suffstats":
+                t = sum(z[i, b] for b in others)
+                t = t / t.norm().clamp_min(1e-12)  # at D = 1 the other views can cancel: t = 0
+                u = torch.dot(z[i, a], t) / temperature
+                terms.append(-u + (u.exp() + N).log())
+    return sum(terms) / len(terms)
+
+
+def names_for(M):
+    return ["simclr"] + POLY_VIEW if M == 2 else POLY_VIEW
+
+
+# ----------------------------------------------------------------------------------------------
+# The objectives
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("K", [2, 3, 16])
+@pytest.mark.parametrize("M", [2, 3, 4, 8])
+@pytest.mark.parametrize("D", [1, 16])
+@pytest.mark.parametrize("temperature", [0.05, 0.5, 2.0])
+def test_objectives_match_naive_loops_in_value_and_gradient(K, M, D, temperature):
+    torch.manual_seed(K * 1000 + M * 100 + D)
+    z = torch.randn(K, M, D, dtype=torch.float64, requires_grad=True)
+    for name in names_for(M):
+        fast = LOSSES[name](z, temperature)
+        slow = naive_loss(name, z, temperature)
+        (grad_fast,) = torch.autograd.grad(fast, z)
+        (grad_slow,) = torch.autograd.grad(slow, z)
+        assert fast.dtype == torch.float64 and fast.dim() == 0
+        torch.testing.assert_close(fast, slow, rtol=1e-9, atol=0, msg=f"{name} value")
+        if name == "suffstats" and D == 1 and M % 2 == 1:
+            continue  # an even number of +-1 other views can cancel: t = 0, not differentiable there
+        torch.testing.assert_close(grad_fast, grad_slow, rtol=1e-7, atol=1e-12, msg=f"{name} gradient")
+
+
+def test_all_five_objectives_are_simclr_at_two_views():
+    torch.manual_seed(1)
+    z = torch.randn(24, 2, 8, dtype=torch.float64)
+    simclr = LOSSES["simclr"](z, 0.1)
+    for name in POLY_VIEW:
+        torch.testing.assert_close(LOSSES[name](z, 0.1), simclr, rtol=1e-12, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("M", [2, 3, 4, 8])
+def test_arithmetic_is_at_most_geometric(M):
+    torch.manual_seed(M)
+    for _ in range(5):
+        z = torch.randn(16, M, 8, dtype=torch.float64)
+        arithmetic, geometric = LOSSES["arithmetic"](z, 0.2), LOSSES["geometric"](z, 0.2)
+        if M == 2:
+            torch.testing.assert_close(arithmetic, geometric, rtol=1e-12, atol=0)
+        else:
+            assert arithmetic < geometric  # AM >= GM, strictly unless all p[i,a,b] are equal
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_objectives_are_invariant_to_permuting_samples_and_views(name):
+    torch.manual_seed(2)
+    K, M = 12, 2 if name == "simclr" else 5
+    z = torch.randn(K, M, 8, dtype=torch.float64)
+    expected = LOSSES[name](z, 0.3)
+    shuffled = z[torch.randperm(K)][:, torch.randperm(M)]  # one view order for every sample
+    torch.testing.assert_close(LOSSES[name](shuffled, 0.3), expected, rtol=1e-12, atol=0)
+    # Each sample its own view order: the poly-view negatives N[i,a] are all views of the others,
+    # so only Multi-Crop (which pairs view a of i with view a of j) can tell the difference.
+    shuffled = torch.stack([sample[torch.randperm(M)] for sample in z])
+    if name != "multicrop":
+        torch.testing.assert_close(LOSSES[name](shuffled, 0.3), expected, rtol=1e-12, atol=0)
+
+
+def test_reference_values_from_the_spec():
+    expected = {
+        2: dict.fromkeys(LOSSES, 4.940932),
+        3: {"multicrop": 4.974418, "geometric": 5.380408, "arithmetic": 5.181351, "suffstats": 5.474574},
+    }
+    torch.manual_seed(0)
+    for M in (2, 3, 4, 8):
+        z = torch.randn(32, M, 16, dtype=torch.float64)
+        for name, value in expected.get(M, {}).items():
+            assert LOSSES[name](z, 0.2).item() == pytest.approx(value, abs=1e-6), (M, name)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_mean_over_equal_anchor_shards_is_the_full_loss(name):
+    torch.manual_seed(3)
+    K, M, shards = 12, 2 if name == "simclr" else 4, 3
+    z = torch.randn(K, M, 8, dtype=torch.float64, requires_grad=True)
+    size = K // shards
+    parts = [LOSSES[name](z, 0.5, anchors=slice(r * size, (r + 1) * size)) for r in range(shards)]
+    for r, part in enumerate(parts):  # each shard also matches the loops restricted to its anchors
+        torch.testing.assert_close(part, naive_loss(name, z, 0.5, slice(r * size, (r + 1) * size)), rtol=1e-9, atol=0)
+    sharded, full = sum(parts) / shards, LOSSES[name](z, 0.5)
+    torch.testing.assert_close(sharded, full, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(sharded, z)[0], torch.autograd.grad(full, z)[0], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_finite_under_low_precision_autocast_with_near_duplicates(name, dtype):
+    torch.manual_seed(4)
+    K, M, D = 64, 2 if name == "simclr" else 8, 128
+    # Every view of every sample is a near-duplicate of one point: all logits sit near 1/tau = 20,
+    # where a naive exp overflows float16 (exp(20) > 65504) and the loss is far from zero.
+    z = (torch.randn(1, 1, D) + 1e-2 * torch.randn(K, M, D)).requires_grad_()
+    projector = torch.nn.Linear(D, D)
+    with torch.autocast("cpu", dtype=dtype):
+        embeddings = projector(z)  # low-precision activations, as they leave a network under autocast
+        assert embeddings.dtype == dtype
+        loss = LOSSES[name](embeddings, 0.05)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_bad_arguments_raise_value_errors_that_name_the_rule(name):
+    M = 2 if name == "simclr" else 3
+    loss = LOSSES[name]
+    with pytest.raises(ValueError, match="K >= 2"):
+        loss(torch.randn(1, M, 4), 0.1)
+    with pytest.raises(ValueError, match="M = 2" if name == "simclr" else "M >= 2"):
+        loss(torch.randn(4, 1, 4), 0.1)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        loss(torch.randn(4, M, 4), 0.0)
+    with pytest.raises(ValueError, match="rank 3"):
+        loss(torch.randn(4 * M, 4), 0.1)
+    for bad in (slice(2, 2), slice(3, 9), slice(-2, 4), slice(None, 2), slice(0, 4, 2)):
+        with pytest.raises(ValueError, match="anchors must be"):
+            loss(torch.randn(4, M, 4), 0.1, anchors=bad)
+    if name == "simclr":
+        with pytest.raises(ValueError, match="M = 2"):
+            loss(torch.randn(4, 3, 4), 0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Views, optimiser and schedule
+# ----------------------------------------------------------------------------------------------
+
+
+def draw_shapes(root, per_class):
+    """A tiny ImageFolder: train/ and val/ of coloured circles, squares and triangles, 40x40."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(0)
+    for split, count in (("train", per_class), ("val", 2)):
+        for shape in ("circle", "square", "triangle"):
+            folder = root / split / shape
+            folder.mkdir(parents=True)
+            for n in range(count):
+                image = Image.new("RGB", (40, 40), tuple(rng.randrange(256) for _ in range(3)))
+                x, y, r = rng.randint(12, 28), rng.randint(12, 28), rng.randint(6, 11)
+                colour = tuple(rng.randrange(256) for _ in range(3))
+                draw = ImageDraw.Draw(image)
+                if shape == "circle":
+                    draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+                elif shape == "square":
+                    draw.rectangle([x - r, y - r, x + r, y + r], fill=colour)
+                else:
+                    draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
+                image.save(folder / f"{n}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    return draw_shapes(tmp_path_factory.mktemp("shapes"), per_class=4)  # 12 train images, 6 val
+
+
+def test_views_of_one_image_are_distinct_augmentations_and_seeded(shapes):
+    import torchvision
+
+    folder = torchvision.datasets.ImageFolder(shapes / "train")
+    dataset = polyview.MultiView(folder, polyview.simclr_augmentation(32, small_images=True), num_views=6)
+    torch.manual_seed(0)
+    views, label = dataset[5]
+    assert views.shape == (6, 3, 32, 32) and views.dtype == torch.float32 and label == folder[5][1]
+    for a in range(6):
+        for b in range(a):
+            assert not torch.equal(views[a], views[b])
+    torch.manual_seed(0)
+    assert torch.equal(dataset[5][0], views)
+    torch.manual_seed(1)
+    assert not torch.equal(dataset[5][0], views)
+
+
+def test_an_undecodable_image_is_skipped_with_a_warning_naming_it(tmp_path):
+    import torchvision
+
+    root = draw_shapes(tmp_path, per_class=2)
+    broken = root / "train" / "circle" / "0.png"
+    broken.write_bytes(b"not an image")
+    folder = torchvision.datasets.ImageFolder(root / "train")
+    dataset = polyview.MultiView(folder, polyview.centre_crop(32, small_images=True), num_views=1)
+    with pytest.warns(UserWarning, match="0.png"):
+        views, label = dataset[0]
+    assert views.shape == (1, 3, 32, 32) and label == folder[1][1]  # the next image stands in
+
+
+def test_learning_rate_warms_up_to_the_peak_then_decays_to_zero():
+    warmup, total = 100, 1000
+    rates = [polyview.learning_rate(t, total, warmup, 0.6) for t in range(total)]
+    assert rates[0] == pytest.approx(0.6 / warmup)
+    assert rates[warmup - 1] == pytest.approx(0.6) and rates[warmup] == pytest.approx(0.6)
+    assert all(a < b for a, b in zip(rates[:warmup], rates[1:warmup]))
+    assert all(a > b for a, b in zip(rates[warmup:], rates[warmup + 1:]))
+    assert rates[-1] < 1e-5
+
+
+def test_lars_adapts_and_decays_weights_but_not_biases():
+    weight = torch.nn.Parameter(torch.randn(8, 4))
+    bias = torch.nn.Parameter(torch.randn(8))
+    start_weight, start_bias = weight.detach().clone(), bias.detach().clone()
+    optimizer = polyview.LARS([weight, bias], lr=0.5, weight_decay=1e-2, trust_coefficient=1e-3)
+    weight.grad, bias.grad = torch.zeros(8, 4), torch.zeros(8)
+    optimizer.step()
+    # weights: g = wd * w, scaled to trust * ||w||: the step is lr * trust * w, whatever wd is
+    torch.testing.assert_close(weight.detach(), start_weight * (1 - 0.5 * 1e-3))
+    assert torch.equal(bias.detach(), start_bias)  # no decay on biases (and BN parameters)
+    bias.grad = torch.ones(8)
+    weight.grad = 1e6 * torch.randn(8, 4)
+    before = weight.detach().clone()
+    optimizer.step()
+    # biases: plain SGD with momentum, no adaptation; weights: a step of lr * trust * ||w|| in norm
+    torch.testing.assert_close(bias.detach(), start_bias - 0.5 * 1.0)
+    velocity = optimizer.state[weight]["velocity"]
+    adapted = velocity - 0.9 * (1e-3 * start_weight)  # this step's part of the velocity
+    assert adapted.norm().item() == pytest.approx(1e-3 * before.norm().item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training program, end to end on a tiny drawn ImageFolder (ResNet-18, 32x32, CPU)
+# ----------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent
+
+
+def tiny_run(data, out, *flags):
+    """The command line of a tiny CPU run: 12 images, K = 6, so 2 steps an epoch."""
+    return [sys.executable, str(REPO / "polyview.py"), "--dataset", "folder", "--data", str(data), "--out", str(out),
+            "--arch", "resnet18", "--image-size", "32", "--batch-size", "6", "--workers", "0", "--device", "cpu",
+            "--log-every", "1", "--probe-epochs", "3", *flags]
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_each_objective_pretrains_and_probes_end_to_end(loss, shapes, tmp_path):
+    views = "2" if loss == "simclr" else "3"
+    done = subprocess.run(tiny_run(shapes, tmp_path, "--loss", loss, "--views", views, "--epochs", "1"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in records(tmp_path)] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["views_per_s"] > 0 for r in records(tmp_path))
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 1 and checkpoint["step"] == 2 and checkpoint["args"]["loss"] == loss
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    assert set(probe) == {"top1", "top5", "knn_top1"} and all(0 <= v <= 100 for v in probe.values())
+    assert probe["top5"] == 100  # 3 classes: the true one is always among the top 5
+    print(f"{loss}: {records(tmp_path)[-1]['views_per_s']:.1f} views/s")  # the CPU throughput (pytest -s)
+
+
+def test_a_killed_run_resumes_where_it_stopped(shapes, tmp_path):
+    flags = ["--loss", "geometric", "--views", "3", "--epochs", "2"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = subprocess.run(tiny_run(shapes, whole, *flags), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    run = subprocess.Popen(tiny_run(shapes, killed, *flags), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (killed / "checkpoint.pt").exists() and run.poll() is None:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGKILL)  # as soon as the first epoch's checkpoint is there
+    run.wait()
+    assert torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"] == 1, "killed too late to test a resume"
+
+    refused = subprocess.run(tiny_run(shapes, killed, *flags), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--resume" in refused.stderr  # never silently overwritten
+    done = subprocess.run(tiny_run(shapes, killed, *flags, "--resume"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stdout
+    for a, b in zip(records(whole), records(killed), strict=True):  # both epochs, the schedule included
+        assert (a["step"], a["epoch"], a["lr"]) == (b["step"], b["epoch"], b["lr"])
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    final = [torch.load(out / "checkpoint.pt", weights_only=False)["model"] for out in (whole, killed)]
+    for name, tensor in final[0].items():
+        torch.testing.assert_close(final[1][name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("disk full")
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    polyview.save_checkpoint({"epoch": 3, "weights": torch.arange(5)}, path)
+    with pytest.raises(RuntimeError, match="disk full"):
+        polyview.save_checkpoint({"epoch": 4, "weights": Unpicklable()}, path)
+    saved = torch.load(path, weights_only=False)
+    assert saved["epoch"] == 3 and torch.equal(saved["weights"], torch.arange(5))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(shapes, tmp_path, monkeypatch, capsys):
+    geometric, calls = LOSSES["geometric"], []
+
+    def breaks_at_step_three(z, temperature, anchors=None):
+        calls.append(1)  # call 1 checks the settings; calls 2, 3 are steps 1, 2 (epoch 0)
+        return geometric(z, temperature, anchors) + (float("nan") if len(calls) >= 4 else 0.0)
+
+    monkeypatch.setitem(polyview.LOSSES, "geometric", breaks_at_step_three)
+    with pytest.raises(SystemExit) as stop:
+        polyview.main(tiny_run(shapes, tmp_path, "--loss", "geometric", "--views", "3", "--epochs", "2")[2:])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert "loss is nan at step 3 (epoch 1)" in error and len(error.strip().splitlines()) == 1
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1  # the last good one
+
+
+def test_bad_input_gets_one_line_and_exit_code_two(shapes, tmp_path, capsys):
+    cases = [
+        (["--views", "1"], "M >= 2"),
+        (["--loss", "simclr", "--views", "4"], "M = 2"),
+        (["--batch-size", "1"], "--batch-size 1"),
+        (["--temperature", "0"], "temperature must be > 0"),
+        (["--data", str(tmp_path / "nowhere")], "train/ and val/"),
+        (["--data", str(shapes / "train")], "train/ and val/"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            polyview.main(tiny_run(shapes, tmp_path / "out", "--epochs", "1", *flags)[2:])
+        error = capsys.readouterr().err
+        assert stop.value.code == 2 and message in error and len(error.strip().splitlines()) == 1, (flags, error)
+    # A real process, split over two ranks: each rank checks before it joins the process group.
+    done = subprocess.run(tiny_run(shapes, tmp_path / "out", "--batch-size", "5"), capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "RANK": "0", "WORLD_SIZE": "2"})
+    assert done.returncode == 2 and "divisible by the 2 processes" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_resuming_another_run_is_refused_naming_both(shapes, tmp_path, capsys):
+    polyview.save_checkpoint({"args": {"arch": "resnet50", "loss": "geometric", "views": 3, "batch_size": 6,
+                                       "dataset": "folder", "image_size": 32}}, tmp_path / "checkpoint.pt")
+    for flags, message in [(["--loss", "geometric", "--views", "3"], "--arch resnet50, this run asks for --arch resnet18"),
+                           (["--arch", "resnet50", "--loss", "suffstats", "--views", "3"],
+                            "--loss geometric, this run asks for --loss suffstats")]:
+        with pytest.raises(SystemExit) as stop:
+            polyview.main(tiny_run(shapes, tmp_path, "--resume", *flags)[2:])
+        error = capsys.readouterr().err
+        assert stop.value.code == 2 and message in error, error
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes equal one
+# ----------------------------------------------------------------------------------------------
+
+K_TOTAL, VIEWS, INPUT = 8, 3, 6
+
+
+def small_model():
+    # No BatchNorm here: without SyncBN (which needs CUDA) each rank would normalise with its own
+    # half-batch statistics, a different function from the full batch. That is exactly why the
+    # training run uses SyncBN on GPUs; this test is about the gathered loss and its gradients.
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(INPUT, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)).double()
+
+
+def batch():
+    torch.manual_seed(1)
+    return torch.randn(K_TOTAL, VIEWS, INPUT, dtype=torch.float64)  # [K, M, input]: M "views" of K samples
+
+
+def two_rank_worker(rank, world_size, folder):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world_size)
+    k = K_TOTAL // world_size
+    mine = slice(rank * k, (rank + 1) * k)
+    results = {}
+    for name in POLY_VIEW:
+        # The gather alone: this rank's share of the loss sends its embeddings the gradient of
+        # the sum of every rank's loss.
+        z = batch()[mine, :, :4].clone().requires_grad_()
+        LOSSES[name](polyview.GatherWithGrad.apply(z), 0.5, anchors=mine).backward()
+        # The training step: DDP-wrapped model, this rank's samples, the gathered loss.
+        model = torch.nn.parallel.DistributedDataParallel(small_model())
+        polyview.contrastive_loss(model, batch()[mine], LOSSES[name], 0.5).backward()
+        results[name] = {"gather": z.grad, "params": [p.grad for p in model.parameters()]}
+    torch.save(results, f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_processes_give_the_gradients_of_one(tmp_path):
+    torch.multiprocessing.spawn(two_rank_worker, args=(2, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name in POLY_VIEW:
+        z = batch()[:, :, :4].clone().requires_grad_()
+        full = LOSSES[name](z, 0.5)
+        (grad_z,) = torch.autograd.grad(2 * full, z)  # the sum of the two ranks' means
+        model = small_model()
+        full_params = torch.autograd.grad(LOSSES[name](model(batch()), 0.5), list(model.parameters()))
+        for rank, result in enumerate(ranks):
+            torch.testing.assert_close(result[name]["gather"], grad_z[rank * 4:(rank + 1) * 4], rtol=1e-10, atol=1e-12)
+            for mine, single in zip(result[name]["params"], full_params, strict=True):
+                torch.testing.assert_close(mine, single, rtol=1e-10, atol=1e-12, msg=f"{name} rank {rank}")
+
+
+def test_torchrun_with_two_cpu_processes_trains_and_probes(shapes, tmp_path):
+    command = tiny_run(shapes, tmp_path, "--loss", "suffstats", "--views", "2", "--epochs", "1")
+    command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "on 2 x cpu" in done.stdout and [r["step"] for r in records(tmp_path)] == [1, 2]
+    assert (tmp_path / "probe.json").exists() and (tmp_path / "checkpoint.pt").exists()
