@@ -579,6 +579,40 @@ def log_window(window, step, epoch, lr, seconds, data_seconds, args, world_size,
     return record
 
 
+def build_model(args, device, distributed, lr, checkpoint=None):
+    """(the model to call, the plain module the checkpoints and the probe use, its LARS)."""
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = PolyViewNet(args.arch, args.small_images)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    if distributed and device.type == "cuda":
+        # The M views of an image share a GPU, so per-GPU batch statistics would leak which views
+        # belong together; synchronised BN computes them over the whole global batch instead.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    optimizer = LARS(model.parameters(), lr=lr, weight_decay=args.weight_decay)  # state on the device
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    raw_model = model
+    if args.compile:
+        model.backbone.compile()  # in place: the state_dict keys stay the same
+    if distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, raw_model, optimizer
+
+
+def train_step(model, optimizer, views, objective, temperature, device):
+    """One step on this rank's views [k, M, C, H, W]; returns the loss, still on the device (no
+    host sync: losses are read once per log line)."""
+    views = views.to(device, non_blocking=True)
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        loss = contrastive_loss(model, views, objective, temperature)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train(args):
     distributed = "RANK" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -614,13 +648,9 @@ def train(args):
     warmup_steps = round(min(args.warmup_epochs, args.epochs / 10) * steps_per_epoch)
     peak_lr = args.lr * args.batch_size / 256
 
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = PolyViewNet(args.arch, args.small_images)
-    optimizer = LARS(model.parameters(), lr=peak_lr, weight_decay=args.weight_decay)
+    model, raw_model, optimizer = build_model(args, device, distributed, peak_lr, checkpoint)
     start_epoch = step = 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
         if master:
             print(f"resuming {checkpoint_path} at epoch {start_epoch}, step {step}")
@@ -628,16 +658,6 @@ def train(args):
                 lines = (out / "metrics.jsonl").read_text().splitlines()
                 kept = [line + "\n" for line in lines if json.loads(line)["step"] <= step]
                 (out / "metrics.jsonl").write_text("".join(kept))
-    if distributed and device.type == "cuda":
-        # The M views of an image share a GPU, so per-GPU batch statistics would leak which views
-        # belong together; synchronised BN computes them over the whole global batch instead.
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
-    raw_model = model  # what the checkpoints and the probe use
-    if args.compile:
-        model.backbone.compile()  # in place: the state_dict keys stay the same
-    if distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     objective = LOSSES[args.loss]
     if master:
         params = sum(p.numel() for p in raw_model.parameters()) / 1e6
@@ -657,13 +677,7 @@ def train(args):
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            views = views.to(device, non_blocking=True)
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                loss = contrastive_loss(model, views, objective, args.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            window.append(loss.detach())  # no host sync here: losses are read once per log line
+            window.append(train_step(model, optimizer, views, objective, args.temperature, device))
             step += 1
             if step % args.log_every == 0 or step % steps_per_epoch == 0:
                 seconds = time.perf_counter() - tick
@@ -731,7 +745,7 @@ def measure(fn, repeats, device):
 def bench_loss(device, repeats=5):
     """Forward + backward of each objective against a plain cross-entropy over one [KM, KM]
     similarity matrix (the floor any of them can reach), and against the naive loops of
-    test_polyview.py where those finish in seconds (K = 64). Memory: peak allocated on CUDA; on
+    test_polyview.py where those finish in seconds (K * M <= 256). Memory: peak allocated on CUDA; on
     the CPU, the bytes the objective saves for its backward pass."""
     try:
         from test_polyview import naive_loss
@@ -769,10 +783,104 @@ def bench_loss(device, repeats=5):
                     continue
                 seconds, mib = cost(fn, z)
                 loop = "-"
-                if naive_loss is not None and K == 64:
+                if naive_loss is not None and K * M <= 256:
                     z64 = z.detach().double().requires_grad_()
                     loop = f"{measure(lambda: naive_loss(name, z64, 0.1).backward(), 1, device) * 1e3:9.0f}"
                 print(f"{K:4} {M:2} {name:>10} {seconds * 1e3:8.2f} {seconds / floor:6.2f} {mib:8.1f} {loop:>9}")
+
+
+
+class DecodePerView(MultiView):
+    """The naive data path, for the benchmark only: the file is read and decoded again per view."""
+
+    def __getitem__(self, index):
+        views = [self.transform(self.dataset[index][0]) for _ in range(self.num_views)]
+        return torch.stack(views), self.dataset[index][1]
+
+
+def make_jpeg_folder(root, count=32):
+    """count ImageNet-sized (500x375) JPEGs of smooth colour fields and noise, in one class."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for n in range(count):
+        field = torch.rand(3, 4, 4).repeat_interleave(94, 1).repeat_interleave(125, 2)[:, :375, :500]
+        image = (field * 200 + torch.rand(3, 375, 500) * 55).to(torch.uint8)
+        torchvision.io.write_jpeg(image, str(root / "images" / f"{n}.jpg"), quality=90)
+    return root
+
+
+def benchmark(args):
+    """Views/s of the whole training step, of the step on a batch already on the device, and of
+    the backbone alone (forward + backward of random tensors, same precision and memory format);
+    the objective's share of the step; then views/s per data-loading worker on a folder of
+    ImageNet-sized JPEGs, decoding once per image against once per view, and each transform's cost."""
+    import tempfile
+
+    device = torch.device(args.device)
+    check_args(args, 1)
+    steps = 20 if device.type == "cuda" else 3
+    model, _, optimizer = build_model(args, device, False, lr=1e-4)
+    objective = LOSSES[args.loss]
+    loader = torch.utils.data.DataLoader(make_datasets(args)[0], args.batch_size, shuffle=True,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)
+    views_per_step = args.batch_size * args.views
+    if len(loader) < steps + 2:
+        raise UserError(f"the benchmark needs {steps + 2} batches, --dataset {args.dataset} has {len(loader)}")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    batches, waiting = iter(loader), 0.0
+    for _ in range(2):  # warm-up (and compilation)
+        views = next(batches)[0]
+        train_step(model, optimizer, views, objective, args.temperature, device)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        tick = time.perf_counter()
+        views = next(batches)[0]
+        waiting += time.perf_counter() - tick
+        train_step(model, optimizer, views, objective, args.temperature, device)
+    sync()
+    full = time.perf_counter() - start
+    on_device = views.to(device)
+    compute = measure(lambda: train_step(model, optimizer, on_device, objective, args.temperature, device), steps, device)
+    z = torch.randn(args.batch_size, args.views, 128, device=device, requires_grad=True)
+    loss_alone = measure(lambda: objective(z, args.temperature).backward(), steps, device)
+    backbone = model.backbone
+    images = torch.randn(views_per_step, 3, args.image_size, args.image_size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+
+    def backbone_step():
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            backbone(images).float().mean().backward()
+
+    alone = measure(backbone_step, steps, device)
+    print(f"{args.arch} at {args.image_size}px, K={args.batch_size} x M={args.views} = {views_per_step} views/step, "
+          f"{args.loss}, {device.type}{' + compile' if args.compile else ''}, {args.workers} workers")
+    print(f"  training step, data included : {views_per_step * steps / full:9.1f} views/s   (waiting for data {waiting / full:.0%})")
+    print(f"  training step, batch on device: {views_per_step / compute:9.1f} views/s")
+    print(f"  backbone alone (fwd + bwd)    : {views_per_step / alone:9.1f} views/s")
+    print(f"  step / backbone               : {alone / compute:9.2f}   (data included: {alone * steps / full:.2f})")
+    print(f"  objective (fwd + bwd) share   : {loss_alone / compute:9.1%} of the step")
+    if device.type == "cuda":
+        print(f"  peak memory                   : {torch.cuda.max_memory_allocated() / 2**30:9.1f} GiB")
+
+    with tempfile.TemporaryDirectory() as folder:
+        images = torchvision.datasets.ImageFolder(make_jpeg_folder(Path(folder)))
+        augment = simclr_augmentation(224, small_images=False)
+        print("data path, one worker, 500x375 JPEGs to 224px views:")
+        for num_views in (2, 8):
+            for name, kind in (("decode once per image", MultiView), ("decode once per view ", DecodePerView)):
+                dataset = kind(images, augment, num_views)
+                seconds = measure(lambda: [dataset[i] for i in range(len(dataset))], 1, torch.device("cpu"))
+                print(f"  M={num_views} {name}: {len(dataset) * num_views / seconds:7.1f} views/s")
+        image = images[0][0]
+        print("  ms per view of each transform, when it is applied:")
+        for transform in augment.transforms:
+            inner = transform.transforms[0] if isinstance(transform, v2.RandomApply) else transform
+            seconds = measure(lambda: inner(image), 20, torch.device("cpu"))
+            print(f"    {seconds * 1e3:6.2f}  {inner.__class__.__name__}" + (f" (p = {transform.p})" if inner is not transform else ""))
+            image = inner(image)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -785,7 +893,7 @@ def main(argv=None):
     if args.bench_loss:
         return bench_loss(torch.device(args.device))
     try:
-        train(args)
+        benchmark(args) if args.benchmark else train(args)
     except UserError as error:
         print(f"polyview.py: error: {error}", file=sys.stderr)
         sys.exit(2)

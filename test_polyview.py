@@ -2,6 +2,7 @@
 
 Run with `python -m pytest` from the repository root (about N minutes on two CPU cores).
 """
+import csv
 import json
 import math
 import os
@@ -406,6 +407,86 @@ def test_resuming_another_run_is_refused_naming_both(shapes, tmp_path, capsys):
             polyview.main(tiny_run(shapes, tmp_path, "--resume", *flags)[2:])
         error = capsys.readouterr().err
         assert stop.value.code == 2 and message in error, error
+
+
+# ----------------------------------------------------------------------------------------------
+# The Gaussian demo (a short run: 50 steps, one seed, M in {2, 4})
+# ----------------------------------------------------------------------------------------------
+
+
+def run_demo(*flags):
+    return subprocess.run([sys.executable, "gaussian_demo.py", *flags], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One short run of the demo, shared by the tests below: (process, rows of the CSV, out dir)."""
+    out = tmp_path_factory.mktemp("gaussian")
+    proc = run_demo("--steps", "50", "--seeds", "1", "--views", "2", "4", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    with open(out / "gaussian_mi.csv", newline="") as f:
+        header = f.readline().strip()
+        rows = list(csv.DictReader(f, fieldnames=header.split(",")))
+    return proc, header, rows, out
+
+
+def test_demo_csv_has_one_row_per_objective_and_views(demo):
+    _, header, rows, _ = demo
+    assert header == "objective,M,seed,K,true_mi,bound,loss"
+    assert len(rows) == len(POLY_VIEW) * 2
+    assert sorted((r["objective"], int(r["M"]), int(r["seed"])) for r in rows) == sorted(
+        (o, M, 0) for o in POLY_VIEW for M in (2, 4))
+
+
+def test_demo_true_mi_is_the_closed_form_and_grows_with_views(demo):
+    _, _, rows, _ = demo
+    d, s, n = 2, 1.0, 0.01                          # the demo's defaults (regime A)
+    truth = {M: d / 2 * math.log((s + n) * (n + (M - 1) * s) / (n * (n + M * s))) for M in (2, 4)}
+    for r in rows:
+        assert float(r["true_mi"]) == pytest.approx(truth[int(r["M"])], abs=1e-5)
+    by_views = {int(r["M"]): float(r["true_mi"]) for r in rows}
+    assert by_views[4] > by_views[2]
+
+
+def test_demo_bound_is_log_candidates_minus_loss(demo):
+    _, _, rows, _ = demo
+    for r in rows:
+        K, M, loss = int(r["K"]), int(r["M"]), float(r["loss"])
+        candidates = 2 * K - 1 if r["objective"] == "multicrop" else M * (K - 1) + 1
+        assert float(r["bound"]) == pytest.approx(math.log(candidates) - loss, abs=1e-5), r
+    # Same seed, same encoder, same batches: at M = 2 every objective is SimCLR, so the runs agree.
+    at_two = [float(r["bound"]) for r in rows if r["M"] == "2"]
+    assert max(at_two) - min(at_two) < 1e-3, at_two
+
+
+def test_demo_writes_a_png_and_prints_the_summary(demo):
+    proc, _, _, out = demo
+    png = out / "gaussian_mi.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
+    for objective in POLY_VIEW:
+        assert f"{objective} M=4: bound" in proc.stdout
+
+
+def test_demo_rejects_a_bad_flag_with_exit_2_and_no_traceback(tmp_path):
+    proc = run_demo("--views", "1", "--out", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "error:" in proc.stderr and "--views" in proc.stderr
+    assert not (tmp_path / "gaussian_mi.csv").exists()
+
+
+@pytest.mark.parametrize("flags", [["--views", "2", "1"], ["--batch-size", "1"], ["--steps", "0"],
+                                   ["--seeds", "0"], ["--noise", "0"], ["--signal", "-1"]])
+def test_demo_validates_every_flag(flags, tmp_path, capsys):
+    # In-process, to spare a torch import per case; the subprocess test above covers the exit path.
+    import gaussian_demo
+    with pytest.raises(SystemExit) as exit_info:
+        gaussian_demo.main([*flags, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert flags[0] in capsys.readouterr().err
+    assert not (tmp_path / "gaussian_mi.csv").exists()
 
 
 # ----------------------------------------------------------------------------------------------
