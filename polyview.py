@@ -44,37 +44,36 @@ def parse_args(argv=None):
         description="Poly-view contrastive pre-training of a ResNet, then a linear probe. "
         "Each step draws M augmented views of each of K images; every view is matched to the other "
         "views of its image against all views of the other images (the negatives).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--loss", default="suffstats", choices=list(LOSSES),
                    help="objective: simclr (M = 2), multicrop (SimCLR over view pairs), geometric or "
                    "arithmetic PVC (-log of the geometric / arithmetic mean of the M-1 positives' "
-                   "probabilities), suffstats (one positive: the mean of the other views)")
+                   "probabilities), suffstats (one positive: the mean of the other views) (default: %(default)s)")
     p.add_argument("--views", type=int, default=None, help="M, views per image (default: 2 for simclr, 4 otherwise)")
-    p.add_argument("--batch-size", type=int, default=256, help="K, unique images per step over all GPUs")
-    p.add_argument("--epochs", type=int, default=128, help="pre-training epochs (0: probe a random backbone)")
-    p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"], help="torchvision backbone")
+    p.add_argument("--batch-size", type=int, default=256, help="K, unique images per step over all GPUs (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=128, help="pre-training epochs (0: probe a random backbone) (default: %(default)s)")
+    p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"], help="torchvision backbone (default: %(default)s)")
     p.add_argument("--dataset", default="imagenet", choices=["imagenet", "folder", "cifar10", "cifar100", "fake"],
                    help="imagenet/folder: ImageFolders DATA/train and DATA/val; cifar*: torchvision's "
-                   "(downloaded into DATA); fake: random images, for throughput")
-    p.add_argument("--data", default="./data", help="dataset folder")
+                   "(downloaded into DATA); fake: random images, for throughput (default: %(default)s)")
+    p.add_argument("--data", default="./data", help="dataset folder (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=None,
                    help="side of the crops (default 224, 32 for CIFAR); at 64 or less the small-image "
                    "recipe: 3x3 stride-1 stem, no max-pool, jitter strength 0.5, no blur")
-    p.add_argument("--out", default="runs/polyview", help="run folder: checkpoint.pt, metrics.jsonl, loss.png, probe.json")
-    p.add_argument("--lr", type=float, default=0.3, help="base learning rate; the peak is lr * K / 256")
+    p.add_argument("--out", default="runs/polyview", help="run folder: checkpoint.pt, metrics.jsonl, loss.png, probe.json (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=0.3, help="base learning rate; the peak is lr * K / 256 (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=None, help="tau (default 0.1, 0.2 for small images)")
-    p.add_argument("--weight-decay", type=float, default=1e-6, help="LARS weight decay (not on BN and biases)")
-    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, at most a tenth of the run")
-    p.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of every view")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--weight-decay", type=float, default=1e-6, help="LARS weight decay (not on BN and biases) (default: %(default)s)")
+    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, at most a tenth of the run (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of every view (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
-    p.add_argument("--probe-epochs", type=int, default=90, help="epochs of the linear probe (0 skips it)")
+    p.add_argument("--probe-epochs", type=int, default=90, help="epochs of the linear probe (0 skips it) (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt if it exists (else start fresh), so that the "
                    "same command can be relaunched after a crash")
-    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines (default: %(default)s)")
     p.add_argument("--benchmark", action="store_true", help="print views/s of the step, the backbone and the data path")
     p.add_argument("--bench-loss", action="store_true", help="print the cost of each objective against cross-entropy")
     args = p.parse_args(argv)
@@ -156,36 +155,26 @@ def contrastive_loss(model, views, objective, temperature):
 # Data and views
 # ----------------------------------------------------------------------------------------------
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, applied inside the model
 
 
-def simclr_augmentation(size, small_images):
-    """SimCLR's views: random-resized crop (area 0.08-1, aspect 3/4-4/3), horizontal flip, colour
-    jitter (0.8s, 0.8s, 0.8s, 0.2s) with p = 0.8, grayscale with p = 0.2, Gaussian blur with p = 0.5,
-    sigma in [0.1, 2] and a kernel of about 10% of the side. s = 1, or 0.5 and no blur on small
-    images (CIFAR)."""
-    s = 0.5 if small_images else 1.0
-    steps = [
-        v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-    ]
-    if not small_images:
-        steps.append(v2.RandomApply([v2.GaussianBlur(int(0.1 * size) // 2 * 2 + 1, sigma=(0.1, 2.0))], p=0.5))
-    return v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+def random_crop_and_flip(size):
+    """The part of SimCLR's views drawn on the CPU, per view, on uint8 images: a random-resized
+    crop (area 0.08-1 of the image, aspect 3/4-4/3) to size x size, and a horizontal flip (p = 0.5).
+    The colour transforms follow on the device, batched: see `device_augment`."""
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+                       v2.RandomHorizontalFlip(), v2.ToImage()])
 
 
 def centre_crop(size, small_images):
     """The probe's view: resize the short side to 8/7 of the crop (small images: to the crop) and
-    take the centre."""
+    take the centre, uint8."""
     resize = v2.Resize(size if small_images else size * 8 // 7, antialias=True)
-    return v2.Compose([resize, v2.CenterCrop(size), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(MEAN, STD)])
+    return v2.Compose([resize, v2.CenterCrop(size), v2.ToImage()])
 
 
 class MultiView(torch.utils.data.Dataset):
-    """Item i: (views [M, C, H, W], label), M independent augmentations of one decoded image.
+    """Item i: (views [M, C, H, W] uint8, label), M independent crops of one decoded image.
 
     An image that cannot be decoded is skipped with a warning naming its file (the next one
     stands in for it), so that one bad file cannot stop a run of days."""
@@ -207,19 +196,125 @@ class MultiView(torch.utils.data.Dataset):
         return torch.stack([self.transform(image) for _ in range(self.num_views)]), label  # ... M views
 
 
+# The colour half of SimCLR's views runs on the device, on the whole batch of views at once, with
+# its own random parameters for every view: on the CPU it cost ten times the decode (see
+# --benchmark). Images are float [N, 3, H, W] in [0, 1]; a per-view parameter is a tensor [N].
+# Random draws stay on the device and torch.where replaces branches: nothing waits for the GPU.
+# Each op equals torchvision.transforms.v2.functional's on float images (tested).
+
+
+def luma(images):
+    """ITU-R 601-2 luma Y = 0.2989 R + 0.587 G + 0.114 B: [N, 3, H, W] -> [N, 1, H, W]."""
+    r, g, b = images.unbind(dim=1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def adjust_colour(images, op, factor):
+    """Brightness (op 0), contrast (1) or saturation (2), chosen per view by op [N], with factor
+    [N]. Each is a blend x -> clamp(f x + (1 - f) y, 0, 1) with its own y: black, the image's mean
+    luma, or its luma image. A factor of 1 leaves the view exactly as it was."""
+    y = luma(images)                                                    # [N, 1, H, W]
+    mean = y.mean(dim=(1, 2, 3), keepdim=True)                          # [N, 1, 1, 1]
+    op, factor = op.view(-1, 1, 1, 1), factor.view(-1, 1, 1, 1)
+    y = torch.where(op == 0, 0.0, torch.where(op == 1, mean, y))
+    return (factor * images + (1 - factor) * y).clamp(0, 1)
+
+
+def adjust_hue(images, shift):
+    """Rotate the hue by shift [N] (in turns): RGB -> HSV, h -> (h + shift) mod 1, HSV -> RGB."""
+    r, g, b = images.unbind(dim=1)
+    v = images.amax(dim=1)                                              # [N, H, W]
+    chroma = v - images.amin(dim=1)
+    s = chroma / torch.where(v > 0, v, 1.0)                             # black: s = 0, not 0 / 0
+    c = torch.where(chroma > 0, chroma, 1.0)                            # grey: any finite hue will do
+    # The largest channel picks the sector of the colour wheel (ties: r, then g, as in PIL).
+    h = torch.where(v == r, (g - b) / c, torch.where(v == g, 2 + (b - r) / c, 4 + (r - g) / c)) / 6
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    # Back to RGB: channel n = 5, 3, 1 (R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6.
+    n = torch.arange(5.0, 0.0, -2.0, device=images.device).view(1, 3, 1, 1)
+    k = (n + 6 * h.unsqueeze(1)) % 6                                    # [N, 3, H, W]
+    return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def colour_jitter(images, strength, p=0.8):
+    """SimCLR's RandomApply([ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)], p = 0.8), drawn per view:
+    brightness, contrast and saturation factors ~ U[max(0, 1 - 0.8s), 1 + 0.8s], a hue shift
+    ~ U[-0.2s, 0.2s], the four ops in a random order per view (as torchvision draws a randperm)."""
+    n, device = len(images), images.device
+    low, high = max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength
+    factors = low + (high - low) * torch.rand(n, 4, device=device)      # [N, 4]; column 3 unused
+    shift = 0.2 * strength * (2 * torch.rand(n, device=device) - 1)     # [N]
+    op_at = torch.rand(n, 4, device=device).argsort(dim=1)              # [N, 4]: a permutation per view
+    factor_at = factors.gather(1, op_at)                                # [N, 4]: the factor at each step
+    hue_at = op_at.argmax(dim=1)                                        # [N]: the step where op 3, hue, runs
+    # Hue, an HSV round trip, is the costly op: run it once for all views, between the blends each
+    # view orders before it and those it orders after it (a factor of 1 skips a step).
+    out = images
+    for step in range(3):
+        out = adjust_colour(out, op_at[:, step], torch.where(step < hue_at, factor_at[:, step], 1.0))
+    out = adjust_hue(out, shift)
+    for step in range(1, 4):
+        out = adjust_colour(out, op_at[:, step], torch.where(step > hue_at, factor_at[:, step], 1.0))
+    chosen = torch.rand(n, device=device) < p                           # [N]
+    return torch.where(chosen.view(-1, 1, 1, 1), out, images)
+
+
+def random_grayscale(images, p=0.2):
+    """SimCLR's RandomGrayscale(p = 0.2): each view becomes its luma, on all 3 channels."""
+    chosen = torch.rand(len(images), device=images.device) < p
+    return torch.where(chosen.view(-1, 1, 1, 1), luma(images).expand_as(images), images)
+
+
+def gaussian_blur(images, kernel_size, sigma):
+    """Blur each view with its own sigma [N], reflect padding at the borders. The kernel
+    w(x) = exp(-x^2 / (2 sigma^2)) / sum, x = -(k-1)/2 .. (k-1)/2, is separable: a horizontal then
+    a vertical pass, 2k taps per pixel instead of k^2."""
+    n, c, height, width = images.shape
+    x = torch.arange(kernel_size, device=images.device) - (kernel_size - 1) / 2      # [k]
+    kernel = torch.exp(-x**2 / (2 * sigma.float().view(-1, 1) ** 2))                # [N, k]
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [N*3, k]
+    pad = kernel_size // 2
+    # Views x channels become the channels of one image: groups = N*3 gives each its own kernel.
+    out = F.pad(images.reshape(1, n * c, height, width), [pad] * 4, mode="reflect")
+    with torch.autocast(images.device.type, enabled=False):  # stay in float32 under autocast
+        out = F.conv2d(out, kernel.view(n * c, 1, 1, -1), groups=n * c)  # [1, N*3, H + 2 pad, W]
+        out = F.conv2d(out, kernel.view(n * c, 1, -1, 1), groups=n * c)  # [1, N*3, H, W]
+    return out.view(n, c, height, width)
+
+
+def random_blur(images, kernel_size, p=0.5):
+    """SimCLR's RandomApply([GaussianBlur(k, sigma ~ U[0.1, 2])], p = 0.5), drawn per view."""
+    sigma = 0.1 + 1.9 * torch.rand(len(images), device=images.device)
+    chosen = torch.rand(len(images), device=images.device) < p
+    return torch.where(chosen.view(-1, 1, 1, 1), gaussian_blur(images, kernel_size, sigma), images)
+
+
+def device_augment(views, small_images):
+    """uint8 views [k, M, 3, H, W], cropped and flipped on the CPU -> float [k, M, 3, H, W] in
+    [0, 1]: colour jitter (strength s = 1, or 0.5 on small images such as CIFAR), grayscale, and
+    Gaussian blur with a kernel of about 10% of the side (not on small images), in SimCLR's order."""
+    x = views.flatten(0, 1).float() / 255                                # [k*M, 3, H, W]
+    x = random_grayscale(colour_jitter(x, strength=0.5 if small_images else 1.0))
+    if not small_images:
+        x = random_blur(x, kernel_size=int(0.1 * x.shape[-1]) // 2 * 2 + 1)
+    return x.view(views.shape)
+
+
 def make_datasets(args):
     """(pre-training set of M-view items, probe train set, probe val set of centre crops)."""
+    decode = v2.ToImage()  # once per image: PIL -> uint8 [3, H, W], which crops twice as fast as PIL
     if args.dataset in ("imagenet", "folder"):
-        train = torchvision.datasets.ImageFolder(Path(args.data) / "train")
-        val = torchvision.datasets.ImageFolder(Path(args.data) / "val")
+        train = torchvision.datasets.ImageFolder(Path(args.data) / "train", decode)
+        val = torchvision.datasets.ImageFolder(Path(args.data) / "val", decode)
     elif args.dataset == "fake":
         shape = (3, args.image_size, args.image_size)
-        train = torchvision.datasets.FakeData(50 * args.batch_size, shape, num_classes=10)
-        val = torchvision.datasets.FakeData(10 * args.batch_size, shape, num_classes=10, random_offset=10**6)
+        train = torchvision.datasets.FakeData(50 * args.batch_size, shape, 10, decode)
+        val = torchvision.datasets.FakeData(10 * args.batch_size, shape, 10, decode, random_offset=10**6)
     else:
         cifar = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
-        train, val = cifar(args.data, train=True, download=True), cifar(args.data, train=False, download=True)
-    views = simclr_augmentation(args.image_size, args.small_images)
+        train = cifar(args.data, train=True, transform=decode, download=True)
+        val = cifar(args.data, train=False, transform=decode, download=True)
+    views = random_crop_and_flip(args.image_size)
     crop = centre_crop(args.image_size, args.small_images)
     return MultiView(train, views, args.views), MultiView(train, crop, 1), MultiView(val, crop, 1)
 
@@ -230,8 +325,9 @@ def make_datasets(args):
 
 
 class PolyViewNet(nn.Module):
-    """torchvision ResNet without its classifier (the features), then SimCLR's projector
-    Linear(F, 2048) - BN - ReLU - Linear(2048, 128) (the embeddings z the objectives see)."""
+    """Images in [0, 1], normalised by ImageNet's mean and std, into a torchvision ResNet without
+    its classifier (the features), then SimCLR's projector Linear(F, 2048) - BN - ReLU -
+    Linear(2048, 128) (the embeddings z the objectives see)."""
 
     def __init__(self, arch="resnet50", small_images=False, dim=128):
         super().__init__()
@@ -244,10 +340,16 @@ class PolyViewNet(nn.Module):
         self.projector = nn.Sequential(
             nn.Linear(self.feature_dim, 2048), nn.BatchNorm1d(2048), nn.ReLU(inplace=True), nn.Linear(2048, dim)
         )
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, images):
+        """[N, 3, H, W] in [0, 1] -> [N, F]: what the linear probe sees."""
+        return self.backbone((images - self.mean) / self.std)
 
     def forward(self, views):
         k, M = views.shape[:2]
-        features = self.backbone(views.flatten(0, 1))                  # [k*M, F]
+        features = self.features(views.flatten(0, 1))                  # [k*M, F]
         return self.projector(features).view(k, M, -1)                # [k, M, D]
 
 
@@ -485,24 +587,25 @@ def learning_rate(step, total_steps, warmup_steps, peak):
 
 
 @torch.no_grad()
-def extract_features(backbone, loader, device):
+def extract_features(model, loader, device):
     """(features [N, F] in float32, labels [N]) of a loader of single centre crops, in eval mode."""
-    backbone.eval()
+    model.eval()
     features, labels = [], []
-    for views, label in loader:                                       # views [B, 1, C, H, W]
+    for views, label in loader:                                       # views [B, 1, C, H, W] uint8
+        images = views.flatten(0, 1).to(device, non_blocking=True).float() / 255
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            features.append(backbone(views.flatten(0, 1).to(device, non_blocking=True)).float())
+            features.append(model.features(images).float())
         labels.append(label.to(device))
     return torch.cat(features), torch.cat(labels)
 
 
-def linear_probe(backbone, train_loader, val_loader, epochs, device):
+def linear_probe(model, train_loader, val_loader, epochs, device):
     """Top-1 and top-5 of a linear classifier on frozen features, and k-NN top-1 (k = 20, cosine
     similarity, votes weighted by exp(similarity / 0.07) as in Wu et al., 2018), in percent."""
-    before = [t.clone() for t in backbone.state_dict().values()]
-    train_x, train_y = extract_features(backbone, train_loader, device)
-    val_x, val_y = extract_features(backbone, val_loader, device)
-    if not all(torch.equal(a, b) for a, b in zip(before, backbone.state_dict().values())):
+    before = [t.clone() for t in model.backbone.state_dict().values()]
+    train_x, train_y = extract_features(model, train_loader, device)
+    val_x, val_y = extract_features(model, val_loader, device)
+    if not all(torch.equal(a, b) for a, b in zip(before, model.backbone.state_dict().values())):
         raise RuntimeError("the backbone changed during feature extraction: the probe would not be frozen")
     classes = int(max(train_y.max(), val_y.max())) + 1
 
@@ -601,12 +704,12 @@ def build_model(args, device, distributed, lr, checkpoint=None):
     return model, raw_model, optimizer
 
 
-def train_step(model, optimizer, views, objective, temperature, device):
-    """One step on this rank's views [k, M, C, H, W]; returns the loss, still on the device (no
-    host sync: losses are read once per log line)."""
-    views = views.to(device, non_blocking=True)
+def train_step(model, optimizer, views, args, device):
+    """One step on this rank's uint8 crops [k, M, C, H, W]; returns the loss, still on the device
+    (no host sync: losses are read once per log line)."""
+    views = device_augment(views.to(device, non_blocking=True), args.small_images)
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        loss = contrastive_loss(model, views, objective, temperature)
+        loss = contrastive_loss(model, views, LOSSES[args.loss], args.temperature)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -658,7 +761,6 @@ def train(args):
                 lines = (out / "metrics.jsonl").read_text().splitlines()
                 kept = [line + "\n" for line in lines if json.loads(line)["step"] <= step]
                 (out / "metrics.jsonl").write_text("".join(kept))
-    objective = LOSSES[args.loss]
     if master:
         params = sum(p.numel() for p in raw_model.parameters()) / 1e6
         print(f"{args.loss}: K={args.batch_size} images x M={args.views} views per step on {world_size} x {device.type}, "
@@ -677,7 +779,7 @@ def train(args):
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            window.append(train_step(model, optimizer, views, objective, args.temperature, device))
+            window.append(train_step(model, optimizer, views, args, device))
             step += 1
             if step % args.log_every == 0 or step % steps_per_epoch == 0:
                 seconds = time.perf_counter() - tick
@@ -703,7 +805,7 @@ def train(args):
         plot_loss(out)
     if args.probe_epochs > 0:  # rank 0 alone, after the other ranks have left
         probe_loaders = [torch.utils.data.DataLoader(s, 256, num_workers=args.workers) for s in (probe_train_set, probe_val_set)]
-        result = linear_probe(raw_model.backbone, *probe_loaders, args.probe_epochs, device)
+        result = linear_probe(raw_model, *probe_loaders, args.probe_epochs, device)
         print(f"linear probe: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  k-NN top-1 {result['knn_top1']:.2f}%")
         (out / "probe.json").write_text(json.dumps(result) + "\n")
 
@@ -811,76 +913,78 @@ def make_jpeg_folder(root, count=32):
 def benchmark(args):
     """Views/s of the whole training step, of the step on a batch already on the device, and of
     the backbone alone (forward + backward of random tensors, same precision and memory format);
-    the objective's share of the step; then views/s per data-loading worker on a folder of
-    ImageNet-sized JPEGs, decoding once per image against once per view, and each transform's cost."""
+    the shares of the objective and of the device augmentation in the step; then views/s per
+    data-loading worker on ImageNet-sized JPEGs, decoding once per image against once per view,
+    and the cost per view of each transform, on the CPU and batched on the device."""
     import tempfile
 
-    device = torch.device(args.device)
+    device, cpu = torch.device(args.device), torch.device("cpu")
     check_args(args, 1)
     steps = 20 if device.type == "cuda" else 3
     model, _, optimizer = build_model(args, device, False, lr=1e-4)
-    objective = LOSSES[args.loss]
     loader = torch.utils.data.DataLoader(make_datasets(args)[0], args.batch_size, shuffle=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)
     views_per_step = args.batch_size * args.views
     if len(loader) < steps + 2:
         raise UserError(f"the benchmark needs {steps + 2} batches, --dataset {args.dataset} has {len(loader)}")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     batches, waiting = iter(loader), 0.0
     for _ in range(2):  # warm-up (and compilation)
-        views = next(batches)[0]
-        train_step(model, optimizer, views, objective, args.temperature, device)
-    sync()
+        train_step(model, optimizer, next(batches)[0], args, device)
     start = time.perf_counter()
     for _ in range(steps):
         tick = time.perf_counter()
         views = next(batches)[0]
         waiting += time.perf_counter() - tick
-        train_step(model, optimizer, views, objective, args.temperature, device)
-    sync()
+        loss = train_step(model, optimizer, views, args, device)
+    loss.item()  # wait for the device
     full = time.perf_counter() - start
-    on_device = views.to(device)
-    compute = measure(lambda: train_step(model, optimizer, on_device, objective, args.temperature, device), steps, device)
+    views = views.to(device)
+    step = measure(lambda: train_step(model, optimizer, views, args, device), steps, device)
+    augment = measure(lambda: device_augment(views, args.small_images), steps, device)
     z = torch.randn(args.batch_size, args.views, 128, device=device, requires_grad=True)
-    loss_alone = measure(lambda: objective(z, args.temperature).backward(), steps, device)
-    backbone = model.backbone
+    objective = measure(lambda: LOSSES[args.loss](z, args.temperature).backward(), steps, device)
     images = torch.randn(views_per_step, 3, args.image_size, args.image_size, device=device)
     images = images.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 
     def backbone_step():
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            backbone(images).float().mean().backward()
+            model.backbone(images).float().mean().backward()
 
     alone = measure(backbone_step, steps, device)
     print(f"{args.arch} at {args.image_size}px, K={args.batch_size} x M={args.views} = {views_per_step} views/step, "
           f"{args.loss}, {device.type}{' + compile' if args.compile else ''}, {args.workers} workers")
-    print(f"  training step, data included : {views_per_step * steps / full:9.1f} views/s   (waiting for data {waiting / full:.0%})")
-    print(f"  training step, batch on device: {views_per_step / compute:9.1f} views/s")
-    print(f"  backbone alone (fwd + bwd)    : {views_per_step / alone:9.1f} views/s")
-    print(f"  step / backbone               : {alone / compute:9.2f}   (data included: {alone * steps / full:.2f})")
-    print(f"  objective (fwd + bwd) share   : {loss_alone / compute:9.1%} of the step")
+    print(f"  training step, data included   {views_per_step * steps / full:9.1f} views/s  (waiting for data {waiting / full:.0%})")
+    print(f"  training step, batch on device {views_per_step / step:9.1f} views/s")
+    print(f"  backbone alone (fwd + bwd)     {views_per_step / alone:9.1f} views/s")
+    print(f"  step / backbone alone          {alone / step:9.2f}  (data included: {alone * steps / full:.2f})")
+    print(f"  objective share of the step    {objective / step:9.1%}   device augmentation share {augment / step:.1%}")
     if device.type == "cuda":
-        print(f"  peak memory                   : {torch.cuda.max_memory_allocated() / 2**30:9.1f} GiB")
+        print(f"  peak memory                    {torch.cuda.max_memory_allocated() / 2**30:9.1f} GiB")
 
     with tempfile.TemporaryDirectory() as folder:
-        images = torchvision.datasets.ImageFolder(make_jpeg_folder(Path(folder)))
-        augment = simclr_augmentation(224, small_images=False)
-        print("data path, one worker, 500x375 JPEGs to 224px views:")
+        jpegs = torchvision.datasets.ImageFolder(make_jpeg_folder(Path(folder)), v2.ToImage())
+        crop = random_crop_and_flip(224)
+        print("data path, one worker, 500x375 JPEGs to 224px crops:")
         for num_views in (2, 8):
             for name, kind in (("decode once per image", MultiView), ("decode once per view ", DecodePerView)):
-                dataset = kind(images, augment, num_views)
-                seconds = measure(lambda: [dataset[i] for i in range(len(dataset))], 1, torch.device("cpu"))
-                print(f"  M={num_views} {name}: {len(dataset) * num_views / seconds:7.1f} views/s")
-        image = images[0][0]
-        print("  ms per view of each transform, when it is applied:")
-        for transform in augment.transforms:
-            inner = transform.transforms[0] if isinstance(transform, v2.RandomApply) else transform
-            seconds = measure(lambda: inner(image), 20, torch.device("cpu"))
-            print(f"    {seconds * 1e3:6.2f}  {inner.__class__.__name__}" + (f" (p = {transform.p})" if inner is not transform else ""))
-            image = inner(image)
+                dataset = kind(jpegs, crop, num_views)
+                seconds = measure(lambda: [dataset[i] for i in range(len(dataset))], 1, cpu)
+                print(f"  M={num_views} {name} {len(dataset) * num_views / seconds:7.1f} views/s")
+        decoded = jpegs[0][0]
+        image = v2.functional.to_pil_image(v2.functional.center_crop(decoded, 224))  # torchvision's colour ops run on PIL
+        batch = v2.functional.center_crop(decoded, 224).to(device).float().div(255).expand(64, 3, 224, 224)
+        rows = [("decode", lambda: jpegs[0], None),
+                ("crop + flip", lambda: crop(decoded), None),
+                ("colour jitter", lambda: v2.ColorJitter(0.8, 0.8, 0.8, 0.2)(image), lambda: colour_jitter(batch, 1.0, p=1)),
+                ("grayscale", lambda: v2.Grayscale(3)(image), lambda: random_grayscale(batch, p=1)),
+                ("blur (k = 23)", lambda: v2.GaussianBlur(23, (0.1, 2.0))(image), lambda: random_blur(batch, 23, p=1))]
+        print(f"  ms per view:      torchvision on the CPU   batched on {device.type}")
+        for name, on_cpu, batched in rows:
+            line = f"    {name:<14} {measure(on_cpu, 10, cpu) * 1e3:12.2f}"
+            print(line + (f" {measure(batched, 5, device) * 1e3 / len(batch):20.2f}" if batched else ""))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2 as TV
+from torchvision.transforms.v2 import functional as TF
 
 import polyview
 from polyview import LOSSES
@@ -223,14 +226,14 @@ def shapes(tmp_path_factory):
     return draw_shapes(tmp_path_factory.mktemp("shapes"), per_class=4)  # 12 train images, 6 val
 
 
-def test_views_of_one_image_are_distinct_augmentations_and_seeded(shapes):
+def test_views_of_one_image_are_distinct_crops_and_seeded(shapes):
     import torchvision
 
-    folder = torchvision.datasets.ImageFolder(shapes / "train")
-    dataset = polyview.MultiView(folder, polyview.simclr_augmentation(32, small_images=True), num_views=6)
+    folder = torchvision.datasets.ImageFolder(shapes / "train", TV.ToImage())
+    dataset = polyview.MultiView(folder, polyview.random_crop_and_flip(32), num_views=6)
     torch.manual_seed(0)
     views, label = dataset[5]
-    assert views.shape == (6, 3, 32, 32) and views.dtype == torch.float32 and label == folder[5][1]
+    assert views.shape == (6, 3, 32, 32) and views.dtype == torch.uint8 and label == folder[5][1]
     for a in range(6):
         for b in range(a):
             assert not torch.equal(views[a], views[b])
@@ -238,6 +241,9 @@ def test_views_of_one_image_are_distinct_augmentations_and_seeded(shapes):
     assert torch.equal(dataset[5][0], views)
     torch.manual_seed(1)
     assert not torch.equal(dataset[5][0], views)
+    augmented = polyview.device_augment(views[None], small_images=True)  # [1, 6, 3, 32, 32]
+    assert augmented.dtype == torch.float32 and augmented.shape == (1, 6, 3, 32, 32)
+    assert 0 <= augmented.min() and augmented.max() <= 1
 
 
 def test_an_undecodable_image_is_skipped_with_a_warning_naming_it(tmp_path):
@@ -246,11 +252,175 @@ def test_an_undecodable_image_is_skipped_with_a_warning_naming_it(tmp_path):
     root = draw_shapes(tmp_path, per_class=2)
     broken = root / "train" / "circle" / "0.png"
     broken.write_bytes(b"not an image")
-    folder = torchvision.datasets.ImageFolder(root / "train")
+    folder = torchvision.datasets.ImageFolder(root / "train", TV.ToImage())
     dataset = polyview.MultiView(folder, polyview.centre_crop(32, small_images=True), num_views=1)
     with pytest.warns(UserWarning, match="0.png"):
         views, label = dataset[0]
     assert views.shape == (1, 3, 32, 32) and label == folder[1][1]  # the next image stands in
+
+
+# The colour augmentations on the device: exact against torchvision for fixed parameters, and the
+# same distribution as torchvision's random transforms.
+
+FACTORS = torch.tensor([1.0, 0.2, 1.8, 0.0, 0.6, 1.4])  # identity, SimCLR's extremes at s = 1 and 0.5
+HUE_SHIFTS = torch.tensor([0.0, -0.2, 0.2, -0.1, 0.5, -0.5])
+
+
+@pytest.fixture
+def images():
+    """[6, 3, 24, 24] in [0, 1]; the last two take 4 levels only, so they hold grey pixels, black
+    pixels and ties between channels (the edge cases of RGB -> HSV)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 24, 24, generator=generator)
+    x[4:] = torch.randint(0, 4, (2, 3, 24, 24), generator=generator) / 3
+    return x
+
+
+def per_image(fn, images, params):
+    """torchvision's op applied image by image, each with its view's parameter as a float."""
+    return torch.stack([fn(image, float(p)) for image, p in zip(images, params)])
+
+
+@pytest.mark.parametrize("op, theirs", [(0, "adjust_brightness"), (1, "adjust_contrast"), (2, "adjust_saturation")])
+def test_colour_blends_match_torchvision(images, op, theirs):
+    expected = per_image(getattr(TF, theirs), images, FACTORS)
+    mine = polyview.adjust_colour(images, torch.full((6,), op), FACTORS)
+    torch.testing.assert_close(mine, expected, rtol=0, atol=1e-6)
+
+
+def test_hue_and_grayscale_match_torchvision(images):
+    # The HSV round trip is written differently from torchvision's: 1e-7 in h, up to 6 v s times that in RGB.
+    torch.testing.assert_close(polyview.adjust_hue(images, HUE_SHIFTS), per_image(TF.adjust_hue, images, HUE_SHIFTS),
+                               rtol=0, atol=2e-6)
+    grey = polyview.random_grayscale(images, p=1.0)
+    torch.testing.assert_close(grey, TF.rgb_to_grayscale(images, num_output_channels=3), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel_size, size", [(23, 32), (5, 24)])
+def test_gaussian_blur_matches_torchvision(kernel_size, size):
+    x = torch.rand(6, 3, size, size, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.1, 0.3, 0.7, 1.0, 1.5, 2.0])
+    expected = torch.stack([TF.gaussian_blur(image, [kernel_size] * 2, [float(s)] * 2) for image, s in zip(x, sigma)])
+    torch.testing.assert_close(polyview.gaussian_blur(x, kernel_size, sigma), expected, rtol=0, atol=1e-5)
+
+
+def test_colour_jitter_replays_torchvision_view_by_view(images):
+    """Replay colour_jitter's random draws (same seed, same order) and hand each view's factors and
+    order of ops to torchvision's own ColorJitter: the results must agree."""
+    n = len(images)
+    torch.manual_seed(3)
+    mine = polyview.colour_jitter(images, strength=1.0, p=0.8)
+    torch.manual_seed(3)
+    factors = 0.2 + 1.6 * torch.rand(n, 4)
+    shift = 0.2 * (2 * torch.rand(n) - 1)
+    order = torch.rand(n, 4).argsort(dim=1)
+    chosen = torch.rand(n) < 0.8
+    assert 0 < chosen.sum() < n  # this seed exercises both branches
+    jitter = TV.ColorJitter(0.8, 0.8, 0.8, 0.2)
+    expected = torch.stack([
+        jitter.transform(images[v], dict(fn_idx=order[v], brightness_factor=float(factors[v, 0]),
+                                         contrast_factor=float(factors[v, 1]), saturation_factor=float(factors[v, 2]),
+                                         hue_factor=float(shift[v]))) if chosen[v] else images[v]
+        for v in range(n)])
+    torch.testing.assert_close(mine, expected, rtol=0, atol=1e-5)
+
+
+def gradients(count, size, texture=0.0):
+    """count copies of 4 smooth colour gradients [count, 3, size, size], plus `texture` times fixed
+    noise so that a blur has something to remove."""
+    generator = torch.Generator().manual_seed(2)
+    base = F.interpolate(torch.rand(4, 3, 2, 2, generator=generator), size=(size, size), mode="bilinear",
+                         align_corners=True)
+    base = (1 - texture) * base + texture * torch.rand(4, 3, size, size, generator=generator)
+    return base.repeat(count // 4, 1, 1, 1)
+
+
+def same_distribution(a, b, standard_errors=4.0):
+    """Whether each statistic's mean and standard deviation agree within a few standard errors:
+    sd / sqrt(n) for a mean, sd sqrt((kurtosis - 1) / 4n) for a standard deviation. With 2000
+    samples chance disagreement is ~1e-4 per comparison; a wrong range or probability is far out."""
+    def moments(x):
+        n, mean, sd = x.numel(), x.mean(), x.std()
+        kurtosis = ((x - mean) ** 4).mean() / sd**4
+        return torch.stack([mean, sd]), torch.stack([sd / math.sqrt(n), sd * torch.sqrt((kurtosis - 1) / (4 * n))])
+
+    for name in a:
+        (value_a, error_a), (value_b, error_b) = moments(a[name]), moments(b[name])
+        if ((value_a - value_b).abs() > standard_errors * torch.hypot(error_a, error_b)).any():
+            return False
+    return True
+
+
+def colour_statistics(x):
+    chroma = x.amax(dim=1) - x.amin(dim=1)                              # [N, H, W]
+    return {"brightness": x.mean(dim=(1, 2, 3)), "saturation": chroma.mean(dim=(1, 2)),
+            "red - blue": (x[:, 0] - x[:, 2]).mean(dim=(1, 2)),          # moved by the hue
+            "grayscale": (chroma.amax(dim=(1, 2)) < 1e-6).float()}
+
+
+def test_colour_jitter_and_grayscale_have_torchvisions_distribution():
+    x = gradients(2000, 16)
+    torch.manual_seed(3)
+    reference = TV.Compose([TV.RandomApply([TV.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), TV.RandomGrayscale(p=0.2)])
+    expected = colour_statistics(torch.stack([reference(image) for image in x]))
+
+    def mine(strength=1.0, p_jitter=0.8, p_grey=0.2):
+        return colour_statistics(polyview.random_grayscale(polyview.colour_jitter(x, strength, p_jitter), p_grey))
+
+    assert same_distribution(expected, mine())
+    # the comparison has the power to see a wrong range or a wrong probability
+    assert not same_distribution(expected, mine(strength=0.5))
+    assert not same_distribution(expected, mine(p_jitter=0.6))
+    assert not same_distribution(expected, mine(p_grey=0.3))
+
+
+def test_random_blur_has_torchvisions_distribution():
+    x = gradients(2000, 32, texture=0.5)
+    torch.manual_seed(4)
+    reference = TV.RandomApply([TV.GaussianBlur(9, (0.1, 2.0))], p=0.5)
+
+    def sharpness(images):  # mean |difference| of horizontal neighbours, which a blur lowers
+        return {"sharpness": (images[..., 1:] - images[..., :-1]).abs().mean(dim=(1, 2, 3))}
+
+    expected = sharpness(torch.stack([reference(image) for image in x]))
+    assert same_distribution(expected, sharpness(polyview.random_blur(x, 9)))
+    assert not same_distribution(expected, sharpness(polyview.random_blur(x, 9, p=0.35)))
+    assert not same_distribution(expected, sharpness(polyview.random_blur(x, 9, p=0.65)))
+
+
+def test_each_view_draws_its_own_colour_and_p_zero_changes_nothing(images):
+    x = gradients(64, 16)  # 16 copies of each of 4 images
+    jittered = polyview.colour_jitter(x, 1.0, p=1.0)
+    assert (jittered[4:] != jittered[:4].repeat(15, 1, 1, 1)).flatten(1).any(1).all()
+    assert torch.equal(polyview.colour_jitter(images, 1.0, p=0.0), images)
+    assert torch.equal(polyview.random_grayscale(images, p=0.0), images)
+    assert torch.equal(polyview.random_blur(images, 5, p=0.0), images)
+
+
+@pytest.mark.parametrize("small_images", [True, False])
+def test_device_augment_is_simclrs_order_in_float32_under_autocast(small_images):
+    views = torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bfloat16 blur would be ~1e-2 off
+        mine = polyview.device_augment(views, small_images)
+    torch.manual_seed(8)
+    x = views.flatten(0, 1).float() / 255
+    x = polyview.random_grayscale(polyview.colour_jitter(x, 0.5 if small_images else 1.0, p=0.8), p=0.2)
+    if not small_images:
+        x = polyview.random_blur(x, 3, p=0.5)  # 10% of 32, odd
+    assert mine.dtype == torch.float32 and mine.shape == views.shape
+    torch.testing.assert_close(mine, x.view(views.shape), rtol=0, atol=1e-6)
+
+
+def test_device_augment_never_waits_for_the_device():
+    """Fake tensors carry shapes but no data: anything that makes the host wait for the device
+    (.item(), bool(tensor), nonzero, boolean-mask indexing) raises instead of running."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        views = torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8)
+        for small_images in (True, False):
+            assert polyview.device_augment(views, small_images).shape == views.shape
 
 
 def test_learning_rate_warms_up_to_the_peak_then_decays_to_zero():
