@@ -387,10 +387,10 @@ def simclr_loss(z, temperature, anchors=None):
         raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
     z = F.normalize(z, dim=-1).flatten(0, 1)                            # [K*2, D], view a of i at 2i + a
     own = torch.arange(2 * anchors.start, 2 * anchors.stop, device=z.device)  # [A*2] anchors' columns
-    logits = z[own] @ z.T / temperature                                  # [A*2, K*2]
+    logits = (z[own] / temperature) @ z.T                                # [A*2, K*2]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     columns = torch.arange(2 * K, device=z.device)
-    logits = logits.masked_fill(columns == own[:, None], float("-inf"))  # a view is not its own candidate
+    logits.masked_fill_(columns == own[:, None], float("-inf"))          # a view is not its own candidate
     return F.cross_entropy(logits, own ^ 1)                              # the positive is 2i + (1 - a)
 
 
@@ -414,16 +414,18 @@ def multicrop_loss(z, temperature, anchors=None):
         raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
     ids = torch.arange(anchors.start, anchors.stop, device=z.device)     # [A] anchor sample ids
     z = F.normalize(z, dim=-1)
-    sim = (z[ids].flatten(0, 1) @ z.flatten(0, 1).T / temperature).view(len(ids), M, K, M)
-    sim = sim.to(torch.promote_types(sim.dtype, torch.float32))         # [A, M, K, M] = s(ia, jg)
-    same = ids[:, None] == torch.arange(K, device=z.device)             # [A, K]: j == i
-    positives = sim.transpose(1, 2)[same]                                # [A, M, M] = s(ia, ib)
+    scaled = z[ids] / temperature                                        # [A, M, D]
+    sim = (scaled.flatten(0, 1) @ z.flatten(0, 1).T).view(len(ids), M, K, M)  # [A, M, K, M] = s(ia, jg)
+    positives = torch.einsum("iad,ibd->iab", scaled, z[ids])             # [A, M, M] = s(ia, ib)
+    # 0 on the other samples, -inf on the anchor's own: its views are never its negatives. (Adding
+    # it also lifts low-precision logits to float32.)
+    others = torch.where(ids[:, None] == torch.arange(K, device=z.device), float("-inf"), 0.0)  # [A, K]
     # log sum_{j != i} exp s(ia, jg), for every anchor view a and every view g of the others
-    per_view = sim.masked_fill(same[:, None, :, None], float("-inf")).logsumexp(dim=2)  # [A, M, M]
+    per_view = (sim + others[:, None, :, None]).logsumexp(dim=2)          # [A, M, M]
     own_view = per_view.diagonal(dim1=1, dim2=2)[:, :, None].expand_as(per_view)      # g = a
     log_denominator = torch.stack([positives, own_view, per_view]).logsumexp(dim=0)   # [A, M, M]
-    off_diagonal = ~torch.eye(M, dtype=torch.bool, device=z.device)
-    return (log_denominator - positives)[:, off_diagonal].mean()
+    losses = (log_denominator - positives).masked_fill(torch.eye(M, dtype=torch.bool, device=z.device), 0.0)
+    return losses.sum() / (len(ids) * M * (M - 1))                       # mean over i, a, b != a
 
 
 def geometric_loss(z, temperature, anchors=None):
@@ -448,14 +450,16 @@ def geometric_loss(z, temperature, anchors=None):
         raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
     ids = torch.arange(anchors.start, anchors.stop, device=z.device)     # [A] anchor sample ids
     z = F.normalize(z, dim=-1)
-    sim = (z[ids].flatten(0, 1) @ z.flatten(0, 1).T / temperature).view(len(ids), M, K, M)
-    sim = sim.to(torch.promote_types(sim.dtype, torch.float32))         # [A, M, K, M] = s(ia, jg)
-    same = ids[:, None] == torch.arange(K, device=z.device)             # [A, K]: j == i
-    positives = sim.transpose(1, 2)[same]                                # [A, M, M] = s(ia, ib)
-    log_negatives = sim.masked_fill(same[:, None, :, None], float("-inf")).logsumexp(dim=(2, 3))
+    scaled = z[ids] / temperature                                        # [A, M, D]
+    sim = (scaled.flatten(0, 1) @ z.flatten(0, 1).T).view(len(ids), M, K, M)  # [A, M, K, M] = s(ia, jg)
+    positives = torch.einsum("iad,ibd->iab", scaled, z[ids])             # [A, M, M] = s(ia, ib)
+    # 0 on the other samples, -inf on the anchor's own: its views are never its negatives. (Adding
+    # it also lifts low-precision logits to float32.)
+    others = torch.where(ids[:, None] == torch.arange(K, device=z.device), float("-inf"), 0.0)  # [A, K]
+    log_negatives = (sim + others[:, None, :, None]).logsumexp(dim=(2, 3))  # [A, M] = log N[i,a]
     losses = torch.logaddexp(positives, log_negatives[:, :, None]) - positives  # [A, M, M] = l[i,a,b]
-    off_diagonal = ~torch.eye(M, dtype=torch.bool, device=z.device)
-    return losses[:, off_diagonal].mean()
+    losses = losses.masked_fill(torch.eye(M, dtype=torch.bool, device=z.device), 0.0)
+    return losses.sum() / (len(ids) * M * (M - 1))                       # mean over i, a, b != a
 
 
 def arithmetic_loss(z, temperature, anchors=None):
@@ -482,11 +486,13 @@ def arithmetic_loss(z, temperature, anchors=None):
         raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
     ids = torch.arange(anchors.start, anchors.stop, device=z.device)     # [A] anchor sample ids
     z = F.normalize(z, dim=-1)
-    sim = (z[ids].flatten(0, 1) @ z.flatten(0, 1).T / temperature).view(len(ids), M, K, M)
-    sim = sim.to(torch.promote_types(sim.dtype, torch.float32))         # [A, M, K, M] = s(ia, jg)
-    same = ids[:, None] == torch.arange(K, device=z.device)             # [A, K]: j == i
-    positives = sim.transpose(1, 2)[same]                                # [A, M, M] = s(ia, ib)
-    log_negatives = sim.masked_fill(same[:, None, :, None], float("-inf")).logsumexp(dim=(2, 3))
+    scaled = z[ids] / temperature                                        # [A, M, D]
+    sim = (scaled.flatten(0, 1) @ z.flatten(0, 1).T).view(len(ids), M, K, M)  # [A, M, K, M] = s(ia, jg)
+    positives = torch.einsum("iad,ibd->iab", scaled, z[ids])             # [A, M, M] = s(ia, ib)
+    # 0 on the other samples, -inf on the anchor's own: its views are never its negatives. (Adding
+    # it also lifts low-precision logits to float32.)
+    others = torch.where(ids[:, None] == torch.arange(K, device=z.device), float("-inf"), 0.0)  # [A, K]
+    log_negatives = (sim + others[:, None, :, None]).logsumexp(dim=(2, 3))  # [A, M] = log N[i,a]
     log_p = positives - torch.logaddexp(positives, log_negatives[:, :, None])  # [A, M, M] = -l[i,a,b]
     log_p = log_p.masked_fill(torch.eye(M, dtype=torch.bool, device=z.device), float("-inf"))
     return (math.log(M - 1) - log_p.logsumexp(dim=2)).mean()
@@ -516,13 +522,14 @@ def suffstats_loss(z, temperature, anchors=None):
         raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
     ids = torch.arange(anchors.start, anchors.stop, device=z.device)     # [A] anchor sample ids
     z = F.normalize(z, dim=-1)
-    sim = (z[ids].flatten(0, 1) @ z.flatten(0, 1).T / temperature).view(len(ids), M, K, M)
-    sim = sim.to(torch.promote_types(sim.dtype, torch.float32))         # [A, M, K, M] = s(ia, jg)
-    same = ids[:, None] == torch.arange(K, device=z.device)             # [A, K]: j == i
-    log_negatives = sim.masked_fill(same[:, None, :, None], float("-inf")).logsumexp(dim=(2, 3))
+    scaled = z[ids] / temperature                                        # [A, M, D]
+    sim = (scaled.flatten(0, 1) @ z.flatten(0, 1).T).view(len(ids), M, K, M)  # [A, M, K, M] = s(ia, jg)
+    # 0 on the other samples, -inf on the anchor's own: its views are never its negatives. (Adding
+    # it also lifts low-precision logits to float32.)
+    others = torch.where(ids[:, None] == torch.arange(K, device=z.device), float("-inf"), 0.0)  # [A, K]
+    log_negatives = (sim + others[:, None, :, None]).logsumexp(dim=(2, 3))  # [A, M] = log N[i,a]
     rest = F.normalize(z[ids].sum(dim=1, keepdim=True) - z[ids], dim=-1)  # [A, M, D] = t[i,a]
-    u = (z[ids] * rest).sum(dim=-1) / temperature                        # [A, M]
-    u = u.to(log_negatives.dtype)
+    u = (scaled * rest).sum(dim=-1)                                      # [A, M] = u[i,a]
     return (torch.logaddexp(u, log_negatives) - u).mean()
 
 
@@ -830,7 +837,8 @@ def plot_loss(out):
 
 
 def measure(fn, repeats, device):
-    """Median seconds of fn() over repeats, after one warm-up call."""
+    """Seconds of the fastest of `repeats` calls of fn(), after one warm-up call: the fastest is
+    the least disturbed by whatever else the machine is doing."""
     fn()
     times = []
     for _ in range(repeats):
@@ -841,10 +849,10 @@ def measure(fn, repeats, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
-def bench_loss(device, repeats=5):
+def bench_loss(device, repeats=20):
     """Forward + backward of each objective against a plain cross-entropy over one [KM, KM]
     similarity matrix (the floor any of them can reach), and against the naive loops of
     test_polyview.py where those finish in seconds (K * M <= 256). Memory: peak allocated on CUDA; on
@@ -856,7 +864,7 @@ def bench_loss(device, repeats=5):
 
     def cross_entropy(z, temperature):
         x = F.normalize(z.flatten(0, 1), dim=-1)
-        logits = (x @ x.T / temperature).fill_diagonal_(float("-inf"))
+        logits = ((x / temperature) @ x.T).fill_diagonal_(float("-inf"))
         targets = torch.arange(len(x), device=x.device) ^ 1       # any fixed positive per row
         return F.cross_entropy(logits, targets)
 

@@ -172,6 +172,18 @@ def test_finite_under_low_precision_autocast_with_near_duplicates(name, dtype):
     assert torch.isfinite(loss) and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
 
+def test_objectives_never_wait_for_the_device():
+    """Fake tensors carry shapes but no data: anything that makes the host wait for the GPU
+    (.item(), boolean-mask indexing, nonzero) raises instead of running."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        for name, fn in LOSSES.items():
+            z = torch.randn(8, 2 if name == "simclr" else 4, 16, requires_grad=True)
+            fn(z, 0.1, anchors=slice(2, 6)).backward()
+            assert z.grad.shape == z.shape
+
+
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_bad_arguments_raise_value_errors_that_name_the_rule(name):
     M = 2 if name == "simclr" else 3
