@@ -78,7 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--bench-loss", action="store_true", help="print the cost of each objective against cross-entropy")
     args = p.parse_args(argv)
     small = args.dataset.startswith("cifar")
-    args.image_size = args.image_size or (32 if small else 224)
+    if args.image_size is None:
+        args.image_size = 32 if small else 224
     args.small_images = args.image_size <= 64
     if args.temperature is None:
         args.temperature = 0.2 if args.small_images else 0.1
@@ -102,16 +103,14 @@ def check_args(args, world_size):
     for flag in ("epochs", "workers", "probe_epochs"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 0")
-    if args.log_every < 1:
-        raise UserError("--log-every must be >= 1")
+    if args.log_every < 1 or args.image_size < 8:
+        raise UserError("--log-every must be >= 1 and --image-size >= 8")
     if args.lr <= 0 or args.weight_decay < 0 or args.warmup_epochs < 0:
         raise UserError("--lr must be > 0, --weight-decay and --warmup-epochs >= 0")
     if args.dataset in ("imagenet", "folder"):
         for split in ("train", "val"):
             if not (Path(args.data) / split).is_dir():
                 raise UserError(f"--data {args.data} must hold the ImageFolders train/ and val/ ({split}/ is missing)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no GPU is visible (use --device cpu)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +196,7 @@ class MultiView(torch.utils.data.Dataset):
 
 
 # The colour half of SimCLR's views runs on the device, on the whole batch of views at once, with
-# its own random parameters for every view: on the CPU it cost ten times the decode (see
+# its own random parameters for every view: on the CPU it cost about ten times the decode (see
 # --benchmark). Images are float [N, 3, H, W] in [0, 1]; a per-view parameter is a tensor [N].
 # Random draws stay on the device and torch.where replaces branches: nothing waits for the GPU.
 # Each op equals torchvision.transforms.v2.functional's on float images (tested).
@@ -618,7 +617,7 @@ def linear_probe(model, train_loader, val_loader, epochs, device):
 
     # k-NN: each val image votes with its 20 most similar train images.
     bank, votes = F.normalize(train_x, dim=1), []
-    for chunk in F.normalize(val_x, dim=1).split(1024):
+    for chunk in F.normalize(val_x, dim=1).split(256):
         similarity, index = (chunk @ bank.T).topk(min(20, len(bank)), dim=1)     # [B, 20]
         scores = torch.zeros(len(chunk), classes, device=device)
         votes.append(scores.scatter_add_(1, train_y[index], (similarity / 0.07).exp()).argmax(1))
@@ -673,17 +672,17 @@ def load_checkpoint(path, args):
 
 
 def log_window(window, step, epoch, lr, seconds, data_seconds, args, world_size, steps_left, out):
-    """Average the window's losses over ranks, stop on a non-finite one, print and append a line."""
-    losses = torch.stack(window).float()
+    """The log record of the steps since the last one, with losses averaged over ranks; a
+    non-finite loss on any rank stops every rank, naming the step."""
+    losses = torch.stack(window).float()                              # [steps in the window]
+    if world_size > 1:
+        dist.all_reduce(losses)
+        losses /= world_size
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):  # the weights are already poisoned: stop, and keep the last checkpoint as it is
         raise UserError(f"loss is {losses[bad[0, 0]].item()} at step {step - len(window) + int(bad[0, 0]) + 1} "
                         f"(epoch {epoch}); stopping, the last good checkpoint is {out / 'checkpoint.pt'}")
-    loss = losses.mean()
-    if world_size > 1:
-        dist.all_reduce(loss)
-        loss /= world_size
-    record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
+    record = {"step": step, "epoch": epoch, "loss": losses.mean().item(), "lr": lr,
               "views_per_s": len(window) * args.batch_size * args.views / seconds, "data_wait": data_seconds / seconds,
               "eta_s": steps_left * seconds / len(window)}
     return record
@@ -886,8 +885,8 @@ def bench_loss(device, repeats=20):
     for K in (64, 256):
         for M in (2, 4, 8):
             z = torch.randn(K, M, 128, device=device, requires_grad=True)
-            floor, _ = cost(cross_entropy, z)
-            print(f"{K:4} {M:2} {'plain CE':>10} {floor * 1e3:8.2f} {1:6.2f}")
+            floor, mib = cost(cross_entropy, z)
+            print(f"{K:4} {M:2} {'plain CE':>10} {floor * 1e3:8.2f} {1:6.2f} {mib:8.1f}")
             for name, fn in LOSSES.items():
                 if name == "simclr" and M != 2:
                     continue
@@ -897,7 +896,6 @@ def bench_loss(device, repeats=20):
                     z64 = z.detach().double().requires_grad_()
                     loop = f"{measure(lambda: naive_loss(name, z64, 0.1).backward(), 1, device) * 1e3:9.0f}"
                 print(f"{K:4} {M:2} {name:>10} {seconds * 1e3:8.2f} {seconds / floor:6.2f} {mib:8.1f} {loop:>9}")
-
 
 
 class DecodePerView(MultiView):
@@ -1002,10 +1000,15 @@ def benchmark(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.bench_loss:
-        return bench_loss(torch.device(args.device))
     try:
-        benchmark(args) if args.benchmark else train(args)
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}, but no GPU is visible (use --device cpu)")
+        if args.bench_loss:
+            bench_loss(torch.device(args.device))
+        elif args.benchmark:
+            benchmark(args)
+        else:
+            train(args)
     except UserError as error:
         print(f"polyview.py: error: {error}", file=sys.stderr)
         sys.exit(2)
