@@ -835,20 +835,21 @@ def plot_loss(out):
 # ----------------------------------------------------------------------------------------------
 
 
-def measure(fn, repeats, device):
-    """Seconds of the fastest of `repeats` calls of fn(), after one warm-up call: the fastest is
-    the least disturbed by whatever else the machine is doing."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def measure(functions, repeats, device):
+    """Seconds of the fastest of `repeats` calls of each function, after a warm-up call each. The
+    functions take turns, so that a slow spell of the machine falls on all of them alike."""
+    times = [float("inf")] * len(functions)
+    for attempt in range(repeats + 1):
+        for n, fn in enumerate(functions):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if attempt > 0:
+                times[n] = min(times[n], time.perf_counter() - start)
+    return times
 
 
 def bench_loss(device, repeats=20):
@@ -868,33 +869,33 @@ def bench_loss(device, repeats=20):
         return F.cross_entropy(logits, targets)
 
     def cost(fn, z):
-        def step():
-            fn(z, 0.1).backward()
-        seconds = measure(step, repeats, device)
+        """(seconds of fn, seconds of the plain cross-entropy timed in turn with it, MiB)."""
+        seconds, floor = measure([lambda: fn(z, 0.1).backward(), lambda: cross_entropy(z, 0.1).backward()],
+                                 repeats, device)
         saved = []
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            step()
-            return seconds, (torch.cuda.max_memory_allocated() - base) / 2**20
+            fn(z, 0.1).backward()
+            return seconds, floor, (torch.cuda.max_memory_allocated() - base) / 2**20
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
             fn(z, 0.1)
-        return seconds, sum(saved) / 2**20
+        return seconds, floor, sum(saved) / 2**20
 
     print(f"{'K':>4} {'M':>2} {'objective':>10} {'ms':>8} {'x CE':>6} {'MiB':>8} {'loop ms':>9}   (D = 128, {device.type})")
     for K in (64, 256):
         for M in (2, 4, 8):
             z = torch.randn(K, M, 128, device=device, requires_grad=True)
-            floor, mib = cost(cross_entropy, z)
-            print(f"{K:4} {M:2} {'plain CE':>10} {floor * 1e3:8.2f} {1:6.2f} {mib:8.1f}")
+            seconds, _, mib = cost(cross_entropy, z)
+            print(f"{K:4} {M:2} {'plain CE':>10} {seconds * 1e3:8.2f} {1:6.2f} {mib:8.1f}")
             for name, fn in LOSSES.items():
                 if name == "simclr" and M != 2:
                     continue
-                seconds, mib = cost(fn, z)
+                seconds, floor, mib = cost(fn, z)
                 loop = "-"
                 if naive_loss is not None and K * M <= 256:
                     z64 = z.detach().double().requires_grad_()
-                    loop = f"{measure(lambda: naive_loss(name, z64, 0.1).backward(), 1, device) * 1e3:9.0f}"
+                    loop = f"{measure([lambda: naive_loss(name, z64, 0.1).backward()], 1, device)[0] * 1e3:9.0f}"
                 print(f"{K:4} {M:2} {name:>10} {seconds * 1e3:8.2f} {seconds / floor:6.2f} {mib:8.1f} {loop:>9}")
 
 
@@ -948,10 +949,7 @@ def benchmark(args):
     loss.item()  # wait for the device
     full = time.perf_counter() - start
     views = views.to(device)
-    step = measure(lambda: train_step(model, optimizer, views, args, device), steps, device)
-    augment = measure(lambda: device_augment(views, args.small_images), steps, device)
     z = torch.randn(args.batch_size, args.views, 128, device=device, requires_grad=True)
-    objective = measure(lambda: LOSSES[args.loss](z, args.temperature).backward(), steps, device)
     images = torch.randn(views_per_step, 3, args.image_size, args.image_size, device=device)
     images = images.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 
@@ -959,7 +957,10 @@ def benchmark(args):
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             model.backbone(images).float().mean().backward()
 
-    alone = measure(backbone_step, steps, device)
+    step, alone, augment, objective = measure([
+        lambda: train_step(model, optimizer, views, args, device), backbone_step,
+        lambda: device_augment(views, args.small_images), lambda: LOSSES[args.loss](z, args.temperature).backward(),
+    ], steps, device)
     print(f"{args.arch} at {args.image_size}px, K={args.batch_size} x M={args.views} = {views_per_step} views/step, "
           f"{args.loss}, {device.type}{' + compile' if args.compile else ''}, {args.workers} workers")
     print(f"  training step, data included   {views_per_step * steps / full:9.1f} views/s  (waiting for data {waiting / full:.0%})")
@@ -977,7 +978,7 @@ def benchmark(args):
         for num_views in (2, 8):
             for name, kind in (("decode once per image", MultiView), ("decode once per view ", DecodePerView)):
                 dataset = kind(jpegs, crop, num_views)
-                seconds = measure(lambda: [dataset[i] for i in range(len(dataset))], 1, cpu)
+                seconds = measure([lambda: [dataset[i] for i in range(len(dataset))]], 1, cpu)[0]
                 print(f"  M={num_views} {name} {len(dataset) * num_views / seconds:7.1f} views/s")
         decoded = jpegs[0][0]
         image = v2.functional.to_pil_image(v2.functional.center_crop(decoded, 224))  # torchvision's colour ops run on PIL
@@ -989,8 +990,8 @@ def benchmark(args):
                 ("blur (k = 23)", lambda: v2.GaussianBlur(23, (0.1, 2.0))(image), lambda: random_blur(batch, 23, p=1))]
         print(f"  ms per view:      torchvision on the CPU   batched on {device.type}")
         for name, on_cpu, batched in rows:
-            line = f"    {name:<14} {measure(on_cpu, 10, cpu) * 1e3:12.2f}"
-            print(line + (f" {measure(batched, 5, device) * 1e3 / len(batch):20.2f}" if batched else ""))
+            line = f"    {name:<14} {measure([on_cpu], 10, cpu)[0] * 1e3:12.2f}"
+            print(line + (f" {measure([batched], 5, device)[0] * 1e3 / len(batch):20.2f}" if batched else ""))
 
 
 # ----------------------------------------------------------------------------------------------
