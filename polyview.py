@@ -663,7 +663,7 @@ def save_checkpoint(state, path):
 
 
 def load_checkpoint(path, args):
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
     for key in MUST_MATCH_ON_RESUME:
         if checkpoint["args"][key] != getattr(args, key):
             raise UserError(f"{path} was trained with --{key.replace('_', '-')} {checkpoint['args'][key]}, "
