@@ -362,6 +362,8 @@ class PolyViewNet(nn.Module):
 #
 # Each function repeats the same short prologue (checks, normalisation, one similarity product)
 # on purpose: every objective depends on torch alone and can be copied out of this file by itself.
+# The positives s(ia, ib) come from a second, tiny product of each sample's own views, [A, M, M]:
+# reading them out of the big matrix would send a full-size gradient back through it.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -903,8 +905,8 @@ class DecodePerView(MultiView):
     """The naive data path, for the benchmark only: the file is read and decoded again per view."""
 
     def __getitem__(self, index):
-        views = [self.transform(self.dataset[index][0]) for _ in range(self.num_views)]
-        return torch.stack(views), self.dataset[index][1]
+        decoded = [self.dataset[index] for _ in range(self.num_views)]  # (image, label), M times
+        return torch.stack([self.transform(image) for image, _ in decoded]), decoded[0][1]
 
 
 def make_jpeg_folder(root, count=32):
