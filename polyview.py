@@ -100,11 +100,9 @@ def check_args(args, world_size):
         raise UserError(f"--loss {args.loss} --views {args.views} --temperature {args.temperature}: {error}")
     if args.batch_size < 2 or args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} must be >= 2 and divisible by the {world_size} processes")
-    for flag in ("epochs", "workers", "probe_epochs"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 0")
-    if args.log_every < 1 or args.image_size < 8:
-        raise UserError("--log-every must be >= 1 and --image-size >= 8")
+    for flag, least in (("epochs", 0), ("workers", 0), ("probe_epochs", 0), ("log_every", 1), ("image_size", 8)):
+        if getattr(args, flag) < least:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
     if args.lr <= 0 or args.weight_decay < 0 or args.warmup_epochs < 0:
         raise UserError("--lr must be > 0, --weight-decay and --warmup-epochs >= 0")
     if args.dataset in ("imagenet", "folder"):
