@@ -350,6 +350,11 @@ class PolyViewNet(nn.Module):
         return self.projector(features).view(k, M, -1)                # [k, M, D]
 
 
+def mixed_precision(device):
+    """bf16 autocast on CUDA (no loss scaling needed: bf16 has float32's range); float32 on the CPU."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+
 # ----------------------------------------------------------------------------------------------
 # Objectives
 #
@@ -599,7 +604,7 @@ def extract_features(model, loader, device):
     features, labels = [], []
     for views, label in loader:                                       # views [B, 1, C, H, W] uint8
         images = views.flatten(0, 1).to(device, non_blocking=True).float() / 255
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with mixed_precision(device):
             features.append(model.features(images).float())
         labels.append(label.to(device))
     return torch.cat(features), torch.cat(labels)
@@ -714,7 +719,7 @@ def train_step(model, optimizer, views, args, device):
     """One step on this rank's uint8 crops [k, M, C, H, W]; returns the loss, still on the device
     (no host sync: losses are read once per log line)."""
     views = device_augment(views.to(device, non_blocking=True), args.small_images)
-    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    with mixed_precision(device):
         loss = contrastive_loss(model, views, LOSSES[args.loss], args.temperature)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -954,7 +959,7 @@ def benchmark(args):
     images = images.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 
     def backbone_step():
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with mixed_precision(device):
             model.backbone(images).float().mean().backward()
 
     step, alone, augment, objective = measure([
