@@ -2,20 +2,22 @@
 
 SimCLR learns an image encoder by matching two augmented views of each image against the views of
 the other images in the batch. Poly-view contrastive learning draws M > 2 views of each of K images
-and asks the encoder to match all of them at once. Its objectives (Geometric and Arithmetic PVC,
-Sufficient Statistics) come from maximising the One-vs-Rest mutual information between a view and
-the other M - 1 views of its image. The paper's headline: 128 epochs at batch 256 with M views beat
-SimCLR at 1024 epochs and batch 4096 on ImageNet-1k.
+and matches every view against all the others at once. Its objectives (Geometric and Arithmetic
+PVC, Sufficient Statistics) come from maximising the One-vs-Rest mutual information between a view
+and the other M - 1 views of its image. The paper's headline: 128 epochs at batch 256 with M = 8
+views beat SimCLR at 1024 epochs and batch 4096 on ImageNet-1k.
 
-    python polyview.py --data /path/to/imagenet --loss suffstats --views 8             # one GPU
+    python polyview.py --data /path/to/imagenet --loss suffstats                     # one GPU
     torchrun --nproc_per_node=8 polyview.py --data /path/to/imagenet --loss suffstats  # eight GPUs
-    python polyview.py --dataset cifar10 --data ./data --arch resnet18 --loss suffstats
-    python polyview.py --dataset fake --benchmark        # views/s of the step, the backbone, the data
-    python polyview.py --bench-loss                      # cost of each objective
+    python polyview.py --dataset cifar10 --arch resnet18     # SimCLR's CIFAR-10 settings
+    python polyview.py --dataset fake --benchmark            # views/s of the step, backbone, data
+    python polyview.py --bench-loss                          # the cost of each objective
 
-The file reads top to bottom: config, distributed helpers, data and views, model, objectives,
-optimiser and schedule, linear probe, training, benchmarks, main. The math is in the docstrings
-of the objectives; the naive loops they are tested against are in test_polyview.py.
+The file reads top to bottom: the objectives (the paper's contribution), views, model, distributed
+helpers, optimiser and schedule, probe, training, benchmarks, main. Each objective is a function of
+torch alone that calls one shared helper, `similarities` (which calls `without_diagonal`): to lift
+an objective out, copy it and those two. The naive loops they are tested against live in
+test_polyview.py.
 """
 import argparse
 import json
@@ -26,6 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -34,123 +37,201 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 
-# ----------------------------------------------------------------------------------------------
-# Config. Every default follows SimCLR's recipe (Chen et al., 2020) unless it says otherwise.
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
+# Objectives
+#
+# Notation. A batch holds K samples i, j with M views each, a, b, g. z[i,a] in R^D is the
+# L2-normalised embedding of view a of sample i, and s(ia, jg) = <z[i,a], z[j,g]> / tau. Every
+# objective takes z [K, M, D] and returns its mean over the anchor views (i, a). The negatives of
+# an anchor are all M views of the K - 1 other samples: N[i,a] = sum_{j != i, g} exp s(ia, jg).
+#
+# What they estimate. The One-vs-Rest mutual information I(x_a; X_-a) between one view and the
+# M - 1 other views of its sample. Each loss term asks the encoder to pick a positive out of C
+# candidates (the positive and C - 1 negatives), and as for InfoNCE (Oord et al., 2018)
+#
+#     I(x_a; X_-a) >= log C - L,
+#
+# a bound that can never exceed log C:
+#     simclr, multicrop                C = 2K - 1      (a pair term sees views a and b of the others)
+#     geometric, arithmetic, suffstats C = M(K-1) + 1  (the positive and all views of the others)
+#     supcon                           C = M(K-1) + 1  (its other positives are not draws from the
+#                                      marginal, so they are not candidates; dropping them from its
+#                                      denominators gives Geometric's smaller loss: a looser bound)
+#     dcl                              none (its positive is not in its own denominator)
+#
+# Why M matters: at a fixed K, more views give each anchor M(K - 1) negatives, so the poly-view
+# ceiling log(M(K-1) + 1) rises with M, and a rest-set of M - 1 views tells more about the anchor,
+# so the true MI rises too. Multi-Crop's ceiling stays at log(2K - 1) whatever M is.
+# ==============================================================================================
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Poly-view contrastive pre-training of a ResNet, then a linear probe. "
-        "Each step draws M augmented views of each of K images; every view is matched to the other "
-        "views of its image against all views of the other images (the negatives).",
-    )
-    p.add_argument("--loss", default="suffstats", choices=list(LOSSES),
-                   help="objective: simclr (M = 2), multicrop (SimCLR over view pairs), geometric or "
-                   "arithmetic PVC (-log of the geometric / arithmetic mean of the M-1 positives' "
-                   "probabilities), suffstats (one positive: the mean of the other views) (default: %(default)s)")
-    p.add_argument("--views", type=int, default=None, help="M, views per image (default: 2 for simclr, 4 otherwise)")
-    p.add_argument("--batch-size", type=int, default=256, help="K, unique images per step over all GPUs (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=128, help="pre-training epochs (0: probe a random backbone) (default: %(default)s)")
-    p.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"], help="torchvision backbone (default: %(default)s)")
-    p.add_argument("--dataset", default="imagenet", choices=["imagenet", "folder", "cifar10", "cifar100", "fake"],
-                   help="imagenet/folder: ImageFolders DATA/train and DATA/val; cifar*: torchvision's "
-                   "(downloaded into DATA); fake: random images, for throughput (default: %(default)s)")
-    p.add_argument("--data", default="./data", help="dataset folder (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="side of the crops (default 224, 32 for CIFAR); at 64 or less the small-image "
-                   "recipe: 3x3 stride-1 stem, no max-pool, jitter strength 0.5, no blur")
-    p.add_argument("--out", default="runs/polyview", help="run folder: checkpoint.pt, metrics.jsonl, loss.png, probe.json (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=0.3, help="base learning rate; the peak is lr * K / 256 (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=None, help="tau (default 0.1, 0.2 for small images)")
-    p.add_argument("--weight-decay", type=float, default=1e-6, help="LARS weight decay (not on BN and biases) (default: %(default)s)")
-    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, at most a tenth of the run (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of every view (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: %(default)s)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
-    p.add_argument("--probe-epochs", type=int, default=90, help="epochs of the linear probe (0 skips it) (default: %(default)s)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.pt if it exists (else start fresh), so that the "
-                   "same command can be relaunched after a crash")
-    p.add_argument("--log-every", type=int, default=50, help="steps between log lines (default: %(default)s)")
-    p.add_argument("--benchmark", action="store_true", help="print views/s of the step, the backbone and the data path")
-    p.add_argument("--bench-loss", action="store_true", help="print the cost of each objective against cross-entropy")
-    args = p.parse_args(argv)
-    small = args.dataset.startswith("cifar")
-    if args.image_size is None:
-        args.image_size = 32 if small else 224
-    args.small_images = args.image_size <= 64
-    if args.temperature is None:
-        args.temperature = 0.2 if args.small_images else 0.1
-    if args.views is None:
-        args.views = 2 if args.loss == "simclr" else 4
-    return args
+def without_diagonal(x):
+    """x [..., M, M] -> [..., M, M - 1]: row a keeps the M - 1 entries x[..., a, b] with b != a."""
+    M = x.shape[-1]
+    column = torch.arange(M - 1, device=x.device)
+    b = column + (column >= torch.arange(M, device=x.device)[:, None])    # [M, M-1]: skip b = a
+    return x.gather(-1, b.expand(*x.shape[:-1], M - 1))
 
 
-class UserError(Exception):
-    """A problem with the command line, the data or the run folder: reported in one line, exit 2."""
+def similarities(z, temperature, anchors=None):
+    """What every objective shares: checks, L2 normalisation and the anchors' similarities.
 
+    z is [K, M, D]. `anchors`, a slice of sample indices, picks the samples whose views act as
+    anchors (all by default); they are contrasted against the whole of z. This is how one of many
+    processes computes its share of the loss on a gathered batch: the mean over equal shards of
+    anchors is the full loss. With A anchor samples it returns
 
-def check_args(args, world_size):
-    """Fail fast, before any data or GPU is touched, on settings the run could not survive."""
-    try:  # the objective itself knows its rules (M >= 2, simclr needs M = 2, tau > 0)
-        LOSSES[args.loss](torch.randn(2, args.views, 4), args.temperature)
-    except ValueError as error:
-        raise UserError(f"--loss {args.loss} --views {args.views} --temperature {args.temperature}: {error}")
-    if args.batch_size < 2 or args.batch_size % world_size:
-        raise UserError(f"--batch-size {args.batch_size} must be >= 2 and divisible by the {world_size} processes")
-    for flag, least in (("epochs", 0), ("workers", 0), ("probe_epochs", 0), ("log_every", 1), ("image_size", 8)):
-        if getattr(args, flag) < least:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
-    if args.lr <= 0 or args.weight_decay < 0 or args.warmup_epochs < 0:
-        raise UserError("--lr must be > 0, --weight-decay and --warmup-epochs >= 0")
-    if args.dataset in ("imagenet", "folder"):
-        for split in ("train", "val"):
-            if not (Path(args.data) / split).is_dir():
-                raise UserError(f"--data {args.data} must hold the ImageFolders train/ and val/ ({split}/ is missing)")
+        anchors_z      [A, M, D]      z[i,a], normalised
+        sim            [A, M, K, M]   s(ia, jg), -inf where j = i: own views are never negatives
+        positives      [A, M, M - 1]  s(ia, ib) for the M - 1 other views b != a of the anchor
+        log_negatives  [A, M]         log N[i,a] = log sum_{j != i, g} exp s(ia, jg)
 
-
-# ----------------------------------------------------------------------------------------------
-# Distributed helpers. The RANK variable (set by torchrun) switches DDP on, as in nanoGPT.
-# ----------------------------------------------------------------------------------------------
-
-
-class GatherWithGrad(torch.autograd.Function):
-    """All ranks' embeddings, [k, ...] -> [k * world, ...], in rank order, with gradients.
-
-    Every rank's loss uses every rank's embeddings as negatives, so the gradient of the embeddings
-    this rank produced is the sum of the gradients all ranks' losses send them: backward sums over
-    ranks (all-reduce) and keeps this rank's slice. With DDP's gradient averaging on top, this is
-    exactly the gradient of the single-process, full-batch loss.
+    all in float32 (or float64) whatever autocast is active: bf16 logits put a 2-9% error into
+    the gradient at tau = 0.1.
     """
-
-    @staticmethod
-    def forward(ctx, z):
-        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, z.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def contrastive_loss(model, views, objective, temperature):
-    """The loss of this rank's anchors, views [k, M, C, H, W], against the views of all ranks."""
-    z = model(views)                                                  # [k, M, D]
-    rank, k = 0, len(views)
-    if dist.is_initialized():
-        rank = dist.get_rank()
-        z = GatherWithGrad.apply(z)                                   # [K, M, D], K = k * world
-    return objective(z, temperature, anchors=slice(rank * k, (rank + 1) * k))
+    if z.dim() != 3:
+        raise ValueError(f"z must have shape [K, M, D] (rank 3), got rank {z.dim()}")
+    K, M, _ = z.shape
+    if K < 2 or M < 2:
+        raise ValueError(f"need K >= 2 samples and M >= 2 views, got K={K}, M={M}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    anchors = slice(0, K) if anchors is None else anchors
+    if anchors.indices(K) != (anchors.start, anchors.stop, 1) or anchors.start >= anchors.stop:
+        raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
+    with torch.autocast(z.device.type, enabled=False):
+        z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
+        scaled = z[anchors] / temperature                                  # [A, M, D]: 1/tau folded in
+        sim = (scaled.flatten(0, 1) @ z.flatten(0, 1).T).view(*scaled.shape[:2], K, M)  # [A, M, K, M]
+        # The anchors' own views from a second, tiny product: reading them out of sim would send a
+        # full-size gradient back through it.
+        own = torch.einsum("iad,ibd->iab", scaled, z[anchors])             # [A, M, M]
+    samples = torch.arange(K, device=z.device)
+    sim = sim.masked_fill((samples[anchors, None] == samples)[:, None, :, None], float("-inf"))
+    return z[anchors], sim, without_diagonal(own), sim.logsumexp(dim=(2, 3))
 
 
-# ----------------------------------------------------------------------------------------------
-# Data and views
-# ----------------------------------------------------------------------------------------------
+def simclr_loss(z, temperature, anchors=None):
+    """SimCLR's NT-Xent (Chen et al., 2020) for M = 2 views: z is [K, 2, D]. The positive of anchor
+    view (i, a) is the other view b = 1 - a of its sample; its candidates are all 2K - 1 other views:
+
+        l[i,a] = -s(ia, ib) + log( exp s(ia, ib) + sum_{j != i, g} exp s(ia, jg) ),   L = mean over i, a.
+    """
+    if z.dim() == 3 and z.shape[1] != 2:
+        raise ValueError(f"simclr needs exactly M = 2 views, got M={z.shape[1]}")
+    _, _, positives, log_negatives = similarities(z, temperature, anchors)
+    positive = positives[..., 0]                                           # [A, 2]: the one other view
+    return (torch.logaddexp(positive, log_negatives) - positive).mean()
+
+
+def multicrop_loss(z, temperature, anchors=None):
+    """Multi-Crop (Caron et al., 2020): SimCLR averaged over the ordered view pairs (a, b), a != b.
+    A pair term only sees views a and b of the other samples, 2(K - 1) negatives whatever M is:
+
+        l[i,a,b] = -s(ia, ib) + log( exp s(ia, ib) + sum_{j != i} [exp s(ia, ja) + exp s(ia, jb)] ),
+        L = mean over i, a, b != a.
+    """
+    _, sim, positives, _ = similarities(z, temperature, anchors)
+    per_view = sim.logsumexp(dim=2)                     # [A, M, M]: log sum_{j != i} exp s(ia, jg)
+    same_view = per_view.diagonal(dim1=1, dim2=2)[..., None]               # [A, M, 1]: g = a
+    log_denominator = torch.logaddexp(torch.logaddexp(positives, same_view), without_diagonal(per_view))
+    return (log_denominator - positives).mean()                            # g = b above
+
+
+def geometric_loss(z, temperature, anchors=None):
+    """Geometric PVC (Shidani et al., 2024): every positive b of anchor (i, a) is classified against
+    the same negatives N[i,a], all views of all other samples:
+
+        l[i,a,b] = -s(ia, ib) + log( exp s(ia, ib) + N[i,a] ),      p[i,a,b] = exp(-l[i,a,b]),
+        L = mean over i, a, b != a of l[i,a,b]     (-log of the geometric mean of the M - 1 p's).
+    """
+    _, _, positives, log_negatives = similarities(z, temperature, anchors)
+    return (torch.logaddexp(positives, log_negatives[..., None]) - positives).mean()
+
+
+def arithmetic_loss(z, temperature, anchors=None):
+    """Arithmetic PVC (Shidani et al., 2024): -log of the arithmetic mean of the M - 1 per-positive
+    probabilities p[i,a,b] of `geometric_loss`:
+
+        L = mean over i, a of -log( 1/(M-1) sum_{b != a} p[i,a,b] ).
+
+    By AM >= GM it is never above the Geometric loss; the two agree at M = 2.
+    """
+    # A deliberate reading: copies of the paper's pseudo-code write this branch as
+    # logsumexp(losses) - log(k), a soft-max over pair losses. We follow the objective's name and
+    # the AM >= GM ordering against Geometric PVC.
+    _, _, positives, log_negatives = similarities(z, temperature, anchors)
+    log_p = positives - torch.logaddexp(positives, log_negatives[..., None])  # [A, M, M-1]
+    return (math.log(positives.shape[2]) - log_p.logsumexp(dim=2)).mean()
+
+
+def suffstats_loss(z, temperature, anchors=None):
+    """Sufficient Statistics (Shidani et al., 2024): one positive per anchor, the re-normalised mean
+    of its M - 1 other views, against the same negatives N[i,a] as PVC:
+
+        t[i,a] = normalise( sum_{b != a} z[i,b] ),        u[i,a] = <z[i,a], t[i,a]> / tau,
+        L = mean over i, a of -u[i,a] + log( exp u[i,a] + N[i,a] ).
+
+    At M = 2, t[i,a] is the other view and this is SimCLR.
+    """
+    # A deliberate reading: the mean of the other views is the sufficient statistic of the rest-set
+    # (the exponential-family argument), contrasted against the PVC negatives so that this
+    # objective is exactly SimCLR at M = 2.
+    anchors_z, _, _, log_negatives = similarities(z, temperature, anchors)
+    rest = F.normalize(anchors_z.sum(dim=1, keepdim=True) - anchors_z, dim=-1)  # [A, M, D] = t[i,a]
+    u = (anchors_z * rest).sum(dim=-1) / temperature                           # [A, M]
+    return (torch.logaddexp(u, log_negatives) - u).mean()
+
+
+def supcon_loss(z, temperature, anchors=None, labels=None):
+    """SupCon's L_out (Khosla et al., 2020) over M views. The positives P of anchor (i, a) are its
+    M - 1 other views, or with labels [K] every other view of every sample of its label; the
+    candidates are all K*M - 1 other views, positives included:
+
+        l[i,a] = -1/|P| sum_{p in P} [ s(ia, p) - log sum_{q != ia} exp s(ia, q) ],  L = mean over i, a.
+
+    Unlike Geometric PVC, whose denominators hold one positive each, every denominator here holds
+    all the other positives too. At M = 2 without labels it is SimCLR.
+    """
+    anchors_z, sim, positives, log_negatives = similarities(z, temperature, anchors)
+    log_candidates = torch.logaddexp(log_negatives, positives.logsumexp(dim=2))   # [A, M]
+    if labels is None:
+        return (log_candidates[..., None] - positives).mean()
+    K, M = z.shape[:2]
+    if labels.shape != (K,):
+        raise ValueError(f"labels must have shape [K] = [{K}], got {list(labels.shape)}")
+    samples = torch.arange(K, device=z.device)
+    anchors = anchors or slice(0, K)
+    same = (labels[anchors, None] == labels) & (samples[anchors, None] != samples)  # [A, K]: j != i
+    positive_sum = positives.sum(dim=2) + torch.where(same[:, None, :, None], sim, 0.0).sum(dim=(2, 3))
+    count = (M - 1) + M * same.sum(dim=1, keepdim=True)                       # [A, 1] = |P|
+    return (log_candidates - positive_sum / count).mean()
+
+
+def dcl_loss(z, temperature, anchors=None):
+    """Decoupled contrastive learning (Yeh et al., 2022): InfoNCE with eps = 0, the positive left
+    out of its own denominator, against the poly-view negatives:
+
+        l[i,a,b] = -s(ia, ib) + log N[i,a],      L = mean over i, a, b != a.
+    """
+    _, _, positives, log_negatives = similarities(z, temperature, anchors)
+    return (log_negatives[..., None] - positives).mean()
+
+
+LOSSES = {
+    "simclr": simclr_loss,
+    "multicrop": multicrop_loss,
+    "geometric": geometric_loss,
+    "arithmetic": arithmetic_loss,
+    "suffstats": suffstats_loss,
+    "supcon": supcon_loss,
+    "dcl": dcl_loss,
+}
+
+
+# ==============================================================================================
+# Views: SimCLR's augmentations. Crops and flips on the CPU workers, colour on the device.
+# ==============================================================================================
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, applied inside the model
 
@@ -171,10 +252,11 @@ def centre_crop(size, small_images):
 
 
 class MultiView(torch.utils.data.Dataset):
-    """Item i: (views [M, C, H, W] uint8, label), M independent crops of one decoded image.
+    """Item i: (views [M, C, H, W] uint8, label, skipped): M independent crops of one decoded image.
 
-    An image that cannot be decoded is skipped with a warning naming its file (the next one
-    stands in for it), so that one bad file cannot stop a run of days."""
+    A file that fails to decode, whatever the exception (PIL raises OSError, SyntaxError,
+    ValueError, DecompressionBombError...), is skipped with a warning naming it and the next image
+    stands in; `skipped` counts the files passed over, so that training can stop on broken data."""
 
     def __init__(self, dataset, transform, num_views):
         self.dataset, self.transform, self.num_views = dataset, transform, num_views
@@ -183,14 +265,16 @@ class MultiView(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        for i in range(index, index + len(self.dataset)):
+        for skipped in range(len(self.dataset)):
+            i = (index + skipped) % len(self.dataset)
             try:
-                image, label = self.dataset[i % len(self.dataset)]  # decoded once ...
-                break
-            except OSError as error:
-                name = self.dataset.samples[i % len(self.dataset)][0] if hasattr(self.dataset, "samples") else i
-                warnings.warn(f"skipping undecodable image {name}: {error}")
-        return torch.stack([self.transform(image) for _ in range(self.num_views)]), label  # ... M views
+                image, label = self.dataset[i]                                # decoded once ...
+            except Exception as error:
+                name = self.dataset.samples[i][0] if hasattr(self.dataset, "samples") else f"#{i}"
+                warnings.warn(f"skipping undecodable image {name}: {type(error).__name__}: {error}")
+                continue
+            return torch.stack([self.transform(image) for _ in range(self.num_views)]), label, skipped  # ... M views
+        raise UserError(f"none of the {len(self.dataset)} images could be decoded")
 
 
 # The colour half of SimCLR's views runs on the device, on the whole batch of views at once, with
@@ -303,40 +387,56 @@ def make_datasets(args):
     if args.dataset in ("imagenet", "folder"):
         train = torchvision.datasets.ImageFolder(Path(args.data) / "train", decode)
         val = torchvision.datasets.ImageFolder(Path(args.data) / "val", decode)
+        for split in (train, val):  # a folder where nothing decodes stops here, in one line
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    MultiView(split, decode, 1)[0]
+                except UserError as error:
+                    raise UserError(f"{split.root}: {error}")
     elif args.dataset == "fake":
         shape = (3, args.image_size, args.image_size)
         train = torchvision.datasets.FakeData(50 * args.batch_size, shape, 10, decode)
         val = torchvision.datasets.FakeData(10 * args.batch_size, shape, 10, decode, random_offset=10**6)
     else:
+        # One process per machine downloads; the others wait for it, then read what it wrote.
+        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        if dist.is_initialized() and not first:
+            dist.barrier()
         cifar = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
-        train = cifar(args.data, train=True, transform=decode, download=True)
-        val = cifar(args.data, train=False, transform=decode, download=True)
+        try:
+            train, val = (cifar(args.data, train=split, transform=decode, download=first) for split in (True, False))
+        except (OSError, RuntimeError) as error:
+            raise UserError(f"--dataset {args.dataset} could not be read or downloaded into {args.data}: {error}")
+        if dist.is_initialized() and first:
+            dist.barrier()
     views = random_crop_and_flip(args.image_size)
     crop = centre_crop(args.image_size, args.small_images)
     return MultiView(train, views, args.views), MultiView(train, crop, 1), MultiView(val, crop, 1)
 
 
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
 # Model
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
 
 
 class PolyViewNet(nn.Module):
-    """Images in [0, 1], normalised by ImageNet's mean and std, into a torchvision ResNet without
-    its classifier (the features), then SimCLR's projector Linear(F, 2048) - BN - ReLU -
-    Linear(2048, 128) (the embeddings z the objectives see)."""
+    """Images in [0, 1], normalised by ImageNet's mean and std, into a torchvision ResNet without its
+    classifier (the F features the probe sees), then SimCLR's projector, as its official code builds
+    it: Linear(F, F) - BN - ReLU - Linear(F, 128) - BN, no bias where a BN follows and no beta in the
+    last BN (the embeddings z the objectives see). The last BN of every residual block starts at 0."""
 
     def __init__(self, arch="resnet50", small_images=False, dim=128):
         super().__init__()
-        self.backbone = getattr(torchvision.models, arch)()
+        self.backbone = getattr(torchvision.models, arch)(zero_init_residual=True)
         if small_images:  # 32x32 inputs: keep the resolution, as in SimCLR's CIFAR models
             self.backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             self.backbone.maxpool = nn.Identity()
-        self.feature_dim = self.backbone.fc.in_features
+        width = self.backbone.fc.in_features                     # F: 2048 for ResNet-50, 512 for ResNet-18
         self.backbone.fc = nn.Identity()
-        self.projector = nn.Sequential(
-            nn.Linear(self.feature_dim, 2048), nn.BatchNorm1d(2048), nn.ReLU(inplace=True), nn.Linear(2048, dim)
-        )
+        self.projector = nn.Sequential(nn.Linear(width, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+                                       nn.Linear(width, dim, bias=False), nn.BatchNorm1d(dim))
+        self.projector[-1].bias.requires_grad_(False)          # SimCLR's center=False: beta stays 0
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
 
@@ -355,200 +455,59 @@ def mixed_precision(device):
     return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
 
-# ----------------------------------------------------------------------------------------------
-# Objectives
-#
-# Every function takes z of shape [K, M, D]: K unique samples, M views each, D embedding dims,
-# and returns the mean loss over the anchors (i, a). `anchors` is an optional slice of sample
-# indices: only those samples' views act as anchors, but they are contrasted against all of z.
-# This is how one process of many computes its share of the loss against a gathered batch.
-#
-# Each function repeats the same short prologue (checks, normalisation, one similarity product)
-# on purpose: every objective depends on torch alone and can be copied out of this file by itself.
-# The positives s(ia, ib) come from a second, tiny product of each sample's own views, [A, M, M]:
-# reading them out of the big matrix would send a full-size gradient back through it.
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
+# Distributed helpers. The RANK variable (set by torchrun) switches DDP on, as in nanoGPT.
+# ==============================================================================================
 
 
-def simclr_loss(z, temperature, anchors=None):
-    """SimCLR's NT-Xent (Chen et al., 2020) for M = 2 views: z is [K, 2, D].
+class GatherWithGrad(torch.autograd.Function):
+    """All ranks' tensors, [k, ...] -> [k * world, ...], in rank order, with gradients.
 
-    Each anchor view's positive is the other view of its sample; its candidates are all 2K - 1
-    other views in the batch:
-
-        l[i,a] = -s(ia, ib) + log sum_{(j,g) != (i,a)} exp s(ia, jg),   b = 1 - a,
-        s(ia, jg) = <z[i,a], z[j,g]> / tau,                              L = mean over i, a.
+    Every rank's loss uses every rank's embeddings as negatives, so the gradient of the embeddings
+    this rank produced is the sum of the gradients all ranks' losses send them: backward sums over
+    ranks (all-reduce) and keeps this rank's slice. With DDP's gradient averaging on top, this is
+    exactly the gradient of the single-process, full-batch loss.
     """
-    if z.dim() != 3:
-        raise ValueError(f"z must have shape [K, M, D] (rank 3), got rank {z.dim()}")
-    K, M, _ = z.shape
-    if K < 2 or M != 2:
-        raise ValueError(f"simclr needs K >= 2 samples and exactly M = 2 views, got K={K}, M={M}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    anchors = slice(0, K) if anchors is None else anchors
-    if anchors.indices(K) != (anchors.start, anchors.stop, 1) or anchors.start >= anchors.stop:
-        raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
-    z = F.normalize(z, dim=-1).flatten(0, 1)                            # [K*2, D], view a of i at 2i + a
-    own = torch.arange(2 * anchors.start, 2 * anchors.stop, device=z.device)  # [A*2] anchors' columns
-    logits = (z[own] / temperature) @ z.T                                # [A*2, K*2]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    columns = torch.arange(2 * K, device=z.device)
-    logits.masked_fill_(columns == own[:, None], float("-inf"))          # a view is not its own candidate
-    return F.cross_entropy(logits, own ^ 1)                              # the positive is 2i + (1 - a)
+
+    @staticmethod
+    def forward(ctx, z):
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
-def multicrop_loss(z, temperature, anchors=None):
-    """Multi-Crop (Caron et al., 2020): SimCLR averaged over the ordered view pairs (a, b), a != b.
-
-    The pair term only sees views a and b of the other samples, 2(K - 1) negatives whatever M is:
-
-        l[i,a,b] = -s(ia, ib) + log( exp s(ia, ib) + sum_{j != i} [exp s(ia, ja) + exp s(ia, jb)] ),
-        L = mean over i, a, b != a.
-    """
-    if z.dim() != 3:
-        raise ValueError(f"z must have shape [K, M, D] (rank 3), got rank {z.dim()}")
-    K, M, _ = z.shape
-    if K < 2 or M < 2:
-        raise ValueError(f"need K >= 2 samples and M >= 2 views, got K={K}, M={M}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    anchors = slice(0, K) if anchors is None else anchors
-    if anchors.indices(K) != (anchors.start, anchors.stop, 1) or anchors.start >= anchors.stop:
-        raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
-    ids = torch.arange(anchors.start, anchors.stop, device=z.device)     # [A] anchor sample ids
-    z = F.normalize(z, dim=-1)
-    scaled = z[ids] / temperature                                        # [A, M, D]
-    sim = (scaled.flatten(0, 1) @ z.flatten(0, 1).T).view(len(ids), M, K, M)  # [A, M, K, M] = s(ia, jg)
-    positives = torch.einsum("iad,ibd->iab", scaled, z[ids])             # [A, M, M] = s(ia, ib)
-    # 0 on the other samples, -inf on the anchor's own: its views are never its negatives. (Adding
-    # it also lifts low-precision logits to float32.)
-    others = torch.where(ids[:, None] == torch.arange(K, device=z.device), float("-inf"), 0.0)  # [A, K]
-    # log sum_{j != i} exp s(ia, jg), for every anchor view a and every view g of the others
-    per_view = (sim + others[:, None, :, None]).logsumexp(dim=2)          # [A, M, M]
-    own_view = per_view.diagonal(dim1=1, dim2=2)[:, :, None].expand_as(per_view)      # g = a
-    log_denominator = torch.stack([positives, own_view, per_view]).logsumexp(dim=0)   # [A, M, M]
-    losses = (log_denominator - positives).masked_fill(torch.eye(M, dtype=torch.bool, device=z.device), 0.0)
-    return losses.sum() / (len(ids) * M * (M - 1))                       # mean over i, a, b != a
+def contrastive_loss(model, views, objective, temperature, labels=None):
+    """The loss of this rank's anchors, views [k, M, C, H, W], against the views of all ranks.
+    `labels` [k] (supcon's supervised form) are gathered alongside the embeddings."""
+    z = model(views)                                                  # [k, M, D]
+    rank, k = 0, len(views)
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        z = GatherWithGrad.apply(z)                                   # [K, M, D], K = k * world
+        labels = None if labels is None else GatherWithGrad.apply(labels)
+    extra = {} if labels is None else {"labels": labels}
+    return objective(z, temperature, anchors=slice(rank * k, (rank + 1) * k), **extra)
 
 
-def geometric_loss(z, temperature, anchors=None):
-    """Geometric PVC (Shidani et al., 2024): minus the log of the geometric mean of the M - 1
-    per-positive probabilities of each anchor.
-
-    Every anchor (i, a) shares one set of negatives, all views of all other samples:
-
-        N[i,a]   = sum_{j != i} sum_g exp s(ia, jg)                      (M(K - 1) terms)
-        l[i,a,b] = -s(ia, ib) + log( exp s(ia, ib) + N[i,a] ),            p[i,a,b] = exp(-l[i,a,b])
-        L        = mean over i, a, b != a of l[i,a,b].
-    """
-    if z.dim() != 3:
-        raise ValueError(f"z must have shape [K, M, D] (rank 3), got rank {z.dim()}")
-    K, M, _ = z.shape
-    if K < 2 or M < 2:
-        raise ValueError(f"need K >= 2 samples and M >= 2 views, got K={K}, M={M}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    anchors = slice(0, K) if anchors is None else anchors
-    if anchors.indices(K) != (anchors.start, anchors.stop, 1) or anchors.start >= anchors.stop:
-        raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
-    ids = torch.arange(anchors.start, anchors.stop, device=z.device)     # [A] anchor sample ids
-    z = F.normalize(z, dim=-1)
-    scaled = z[ids] / temperature                                        # [A, M, D]
-    sim = (scaled.flatten(0, 1) @ z.flatten(0, 1).T).view(len(ids), M, K, M)  # [A, M, K, M] = s(ia, jg)
-    positives = torch.einsum("iad,ibd->iab", scaled, z[ids])             # [A, M, M] = s(ia, ib)
-    # 0 on the other samples, -inf on the anchor's own: its views are never its negatives. (Adding
-    # it also lifts low-precision logits to float32.)
-    others = torch.where(ids[:, None] == torch.arange(K, device=z.device), float("-inf"), 0.0)  # [A, K]
-    log_negatives = (sim + others[:, None, :, None]).logsumexp(dim=(2, 3))  # [A, M] = log N[i,a]
-    losses = torch.logaddexp(positives, log_negatives[:, :, None]) - positives  # [A, M, M] = l[i,a,b]
-    losses = losses.masked_fill(torch.eye(M, dtype=torch.bool, device=z.device), 0.0)
-    return losses.sum() / (len(ids) * M * (M - 1))                       # mean over i, a, b != a
+VIEWS, ORDER, WEIGHTS = range(3)  # the random streams of a run
 
 
-def arithmetic_loss(z, temperature, anchors=None):
-    """Arithmetic PVC (Shidani et al., 2024): minus the log of the arithmetic mean of the M - 1
-    per-positive probabilities of each anchor. With l, p and N[i,a] as in `geometric_loss`:
-
-        L = mean over i, a of -log( 1/(M-1) sum_{b != a} p[i,a,b] )
-          = mean over i, a of  log(M - 1) - logsumexp_{b != a} ( -l[i,a,b] ).
-
-    By AM >= GM it is never above the Geometric loss; the two agree at M = 2.
-    """
-    # A deliberate reading: copies of the paper's pseudo-code write this branch as
-    # logsumexp(losses) - log(k), a soft-max over pair losses. We follow the objective's name and
-    # the AM >= GM ordering against Geometric PVC: -log of the arithmetic mean of the p[i,a,b].
-    if z.dim() != 3:
-        raise ValueError(f"z must have shape [K, M, D] (rank 3), got rank {z.dim()}")
-    K, M, _ = z.shape
-    if K < 2 or M < 2:
-        raise ValueError(f"need K >= 2 samples and M >= 2 views, got K={K}, M={M}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    anchors = slice(0, K) if anchors is None else anchors
-    if anchors.indices(K) != (anchors.start, anchors.stop, 1) or anchors.start >= anchors.stop:
-        raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
-    ids = torch.arange(anchors.start, anchors.stop, device=z.device)     # [A] anchor sample ids
-    z = F.normalize(z, dim=-1)
-    scaled = z[ids] / temperature                                        # [A, M, D]
-    sim = (scaled.flatten(0, 1) @ z.flatten(0, 1).T).view(len(ids), M, K, M)  # [A, M, K, M] = s(ia, jg)
-    positives = torch.einsum("iad,ibd->iab", scaled, z[ids])             # [A, M, M] = s(ia, ib)
-    # 0 on the other samples, -inf on the anchor's own: its views are never its negatives. (Adding
-    # it also lifts low-precision logits to float32.)
-    others = torch.where(ids[:, None] == torch.arange(K, device=z.device), float("-inf"), 0.0)  # [A, K]
-    log_negatives = (sim + others[:, None, :, None]).logsumexp(dim=(2, 3))  # [A, M] = log N[i,a]
-    log_p = positives - torch.logaddexp(positives, log_negatives[:, :, None])  # [A, M, M] = -l[i,a,b]
-    log_p = log_p.masked_fill(torch.eye(M, dtype=torch.bool, device=z.device), float("-inf"))
-    return (math.log(M - 1) - log_p.logsumexp(dim=2)).mean()
+def stream_seed(stream, seed, rank=0, epoch=0):
+    """The seed of one random stream, mixed from the tuple (stream, seed, rank, epoch) by numpy's
+    SeedSequence: no two tuples share a stream, where a sum such as seed + rank + epoch would let
+    --seed 1 replay --seed 0 one epoch (or one rank) later."""
+    return int(np.random.SeedSequence([stream, seed, rank, epoch]).generate_state(1, np.uint64)[0])
 
 
-def suffstats_loss(z, temperature, anchors=None):
-    """Sufficient Statistics (Shidani et al., 2024): one positive per anchor, the re-normalised
-    mean of the anchor's other views, contrasted against the same negatives N[i,a] as PVC:
-
-        t[i,a] = normalise( sum_{b != a} z[i,b] ),        u[i,a] = <z[i,a], t[i,a]> / tau,
-        L      = mean over i, a of -u[i,a] + log( exp u[i,a] + N[i,a] ).
-
-    At M = 2, t[i,a] is the other view and this is SimCLR.
-    """
-    # A deliberate reading: the mean of the other views is the sufficient statistic of the
-    # rest-set (the exponential-family argument); contrasting it against the PVC negatives makes
-    # this objective exactly SimCLR at M = 2.
-    if z.dim() != 3:
-        raise ValueError(f"z must have shape [K, M, D] (rank 3), got rank {z.dim()}")
-    K, M, _ = z.shape
-    if K < 2 or M < 2:
-        raise ValueError(f"need K >= 2 samples and M >= 2 views, got K={K}, M={M}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    anchors = slice(0, K) if anchors is None else anchors
-    if anchors.indices(K) != (anchors.start, anchors.stop, 1) or anchors.start >= anchors.stop:
-        raise ValueError(f"anchors must be slice(start, stop) with 0 <= start < stop <= K={K}, got {anchors}")
-    ids = torch.arange(anchors.start, anchors.stop, device=z.device)     # [A] anchor sample ids
-    z = F.normalize(z, dim=-1)
-    scaled = z[ids] / temperature                                        # [A, M, D]
-    sim = (scaled.flatten(0, 1) @ z.flatten(0, 1).T).view(len(ids), M, K, M)  # [A, M, K, M] = s(ia, jg)
-    # 0 on the other samples, -inf on the anchor's own: its views are never its negatives. (Adding
-    # it also lifts low-precision logits to float32.)
-    others = torch.where(ids[:, None] == torch.arange(K, device=z.device), float("-inf"), 0.0)  # [A, K]
-    log_negatives = (sim + others[:, None, :, None]).logsumexp(dim=(2, 3))  # [A, M] = log N[i,a]
-    rest = F.normalize(z[ids].sum(dim=1, keepdim=True) - z[ids], dim=-1)  # [A, M, D] = t[i,a]
-    u = (scaled * rest).sum(dim=-1)                                      # [A, M] = u[i,a]
-    return (torch.logaddexp(u, log_negatives) - u).mean()
-
-
-LOSSES = {
-    "simclr": simclr_loss,
-    "multicrop": multicrop_loss,
-    "geometric": geometric_loss,
-    "arithmetic": arithmetic_loss,
-    "suffstats": suffstats_loss,
-}
-
-
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
 # Optimiser and schedule
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
 
 
 class LARS(torch.optim.Optimizer):
@@ -592,27 +551,48 @@ def learning_rate(step, total_steps, warmup_steps, peak):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
 
-# ----------------------------------------------------------------------------------------------
-# Linear probe: frozen backbone, features of centre crops, a linear classifier and a k-NN on top
-# ----------------------------------------------------------------------------------------------
+def peak_learning_rate(args):
+    """SimCLR's two rules, K counted in images per step (not views), as SimCLR counts its batch:
+    square root, lr * sqrt(K), or linear, lr * K / 256. At K = 4096 the defaults agree (4.8)."""
+    return args.lr * (math.sqrt(args.batch_size) if args.lr_scaling == "sqrt" else args.batch_size / 256)
+
+
+# ==============================================================================================
+# Probe: frozen backbone, features of centre crops, a linear classifier and a k-NN on top
+# ==============================================================================================
+
+FAST_PROBE = ("fast linear probe: AdamW on standardised frozen features of centre crops, not SimCLR's "
+              "linear evaluation (90 epochs of SGD on random crops and flips)")
 
 
 @torch.no_grad()
 def extract_features(model, loader, device):
-    """(features [N, F] in float32, labels [N]) of a loader of single centre crops, in eval mode."""
+    """(features [N, F] float32, labels [N]) of a loader of single centre crops, in eval mode,
+    written into one bank allocated once (a list of batches and a cat would hold two copies)."""
     model.eval()
-    features, labels = [], []
-    for views, label in loader:                                       # views [B, 1, C, H, W] uint8
+    start, features, labels = 0, None, None
+    for views, label, _ in loader:                                     # views [B, 1, C, H, W] uint8
         images = views.flatten(0, 1).to(device, non_blocking=True).float() / 255
         with mixed_precision(device):
-            features.append(model.features(images).float())
-        labels.append(label.to(device))
-    return torch.cat(features), torch.cat(labels)
+            batch = model.features(images).float()                    # [B, F]
+        if features is None:
+            features = torch.empty(len(loader.dataset), batch.shape[1], device=device)
+            labels = torch.empty(len(loader.dataset), dtype=torch.long, device=device)
+        features[start:start + len(batch)], labels[start:start + len(batch)] = batch, label.to(device)
+        start += len(batch)
+    return features, labels
 
 
 def linear_probe(model, train_loader, val_loader, epochs, device):
-    """Top-1 and top-5 of a linear classifier on frozen features, and k-NN top-1 (k = 20, cosine
-    similarity, votes weighted by exp(similarity / 0.07) as in Wu et al., 2018), in percent."""
+    """A fast probe of the frozen backbone, in percent: top-1 and top-5 (None under 5 classes) of a
+    linear classifier trained with AdamW on standardised features of centre crops, and k-NN top-1
+    (k = 20, cosine similarity, votes weighted by exp(similarity / 0.07) as in Wu et al., 2018).
+    Not SimCLR's linear evaluation: compare its numbers across runs of this file, not with the paper.
+
+    Memory: the train features stay on the device, N x F float32 (ImageNet with ResNet-50: 1.28M x
+    2048, 10.5 GB). The k-NN reads them as they are and they are standardised in place, so the peak
+    is that bank plus the val features and one [256, N] block of similarities (about 1.3x for ImageNet).
+    """
     before = [t.clone() for t in model.backbone.state_dict().values()]
     train_x, train_y = extract_features(model, train_loader, device)
     val_x, val_y = extract_features(model, val_loader, device)
@@ -620,21 +600,21 @@ def linear_probe(model, train_loader, val_loader, epochs, device):
         raise RuntimeError("the backbone changed during feature extraction: the probe would not be frozen")
     classes = int(max(train_y.max(), val_y.max())) + 1
 
-    # k-NN: each val image votes with its 20 most similar train images.
-    bank, votes = F.normalize(train_x, dim=1), []
+    # k-NN: each val image votes with its 20 most similar train images (cosine: divide by the norms).
+    norms, votes = train_x.norm(dim=1).clamp_min(1e-12), []
     for chunk in F.normalize(val_x, dim=1).split(256):
-        similarity, index = (chunk @ bank.T).topk(min(20, len(bank)), dim=1)     # [B, 20]
+        similarity, index = (chunk @ train_x.T).div_(norms).topk(min(20, len(train_x)), dim=1)  # [B, 20]
         scores = torch.zeros(len(chunk), classes, device=device)
         votes.append(scores.scatter_add_(1, train_y[index], (similarity / 0.07).exp()).argmax(1))
     knn_top1 = (torch.cat(votes) == val_y).float().mean().item() * 100
 
     # Linear classifier on standardised features (a BatchNorm without affine, frozen at the end).
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    train_x.sub_(mean).div_(std)
+    val_x = (val_x - mean) / std
     classifier = nn.Linear(train_x.shape[1], classes).to(device)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3, weight_decay=1e-4)
-    steps = epochs * math.ceil(len(train_x) / 1024)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * math.ceil(len(train_x) / 1024)))
     for _ in range(epochs):
         for batch in torch.randperm(len(train_x), device=device).split(1024):
             loss = F.cross_entropy(classifier(train_x[batch]), train_y[batch])
@@ -643,59 +623,169 @@ def linear_probe(model, train_loader, val_loader, epochs, device):
             optimizer.step()
             schedule.step()
     with torch.no_grad():
-        top5 = classifier(val_x).topk(min(5, classes), dim=1).indices                # [N, 5]
-    hits = top5 == val_y[:, None]
-    return {"top1": hits[:, 0].float().mean().item() * 100, "top5": hits.any(1).float().mean().item() * 100,
-            "knn_top1": knn_top1}
+        hits = classifier(val_x).topk(min(5, classes), dim=1).indices == val_y[:, None]   # [N, 5]
+    return {"protocol": FAST_PROBE, "top1": hits[:, 0].float().mean().item() * 100,
+            "top5": hits.any(1).float().mean().item() * 100 if classes >= 5 else None, "knn_top1": knn_top1}
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
-
-MUST_MATCH_ON_RESUME = ("arch", "loss", "views", "batch_size", "dataset", "image_size")
+# ==============================================================================================
+# Training: config, checkpoints, the loop
+# ==============================================================================================
 
 
-def save_checkpoint(state, path):
-    """Write to a temporary file, then rename it over the old one: a crash while writing leaves
-    the previous checkpoint whole (a rename within one folder is atomic)."""
+class UserError(Exception):
+    """A problem with the command line, the data or the run folder: reported in one line, exit 2."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Poly-view contrastive pre-training of a ResNet, then a fast linear probe. Each step "
+        "draws M augmented views of each of K images; every view is matched to the other views of its "
+        "image against all views of the other images (the negatives). Defaults follow the paper and "
+        "SimCLR (Chen et al., 2020); 'small images' (--image-size 64 or less, as CIFAR) follow SimCLR's "
+        "published CIFAR-10 command.")
+    add = p.add_argument
+    add("--loss", default="suffstats", choices=list(LOSSES),
+        help="objective: simclr (M = 2), multicrop (SimCLR over view pairs), geometric or arithmetic PVC "
+        "(-log of the geometric / arithmetic mean of the M-1 positives' probabilities), suffstats (one "
+        "positive: the mean of the other views), supcon (SupCon's L_out), dcl (InfoNCE without the "
+        "positive in its denominator) (default: %(default)s)")
+    add("--supervised", action="store_true", help="supcon with the dataset's labels: every view of every "
+        "image of the anchor's class is a positive (Khosla et al.'s supervised form)")
+    add("--views", type=int, help="M, views per image (default: 8, the paper's multiplicity in its "
+        "Figures 3a and 5; 2 for simclr)")
+    add("--batch-size", type=int, help="K, unique images per step over all processes (default: 256, the "
+        "paper's headline run; 512 on small images, SimCLR's CIFAR-10 setting)")
+    add("--epochs", type=int, default=128, help="pre-training epochs (0: probe a random backbone) (default: %(default)s)")
+    add("--arch", default="resnet50", choices=["resnet50", "resnet18"], help="torchvision backbone (default: %(default)s)")
+    add("--dataset", default="imagenet", choices=["imagenet", "folder", "cifar10", "cifar100", "fake"],
+        help="imagenet/folder: ImageFolders DATA/train and DATA/val; cifar*: torchvision's (downloaded "
+        "into DATA); fake: random images, for throughput (default: %(default)s)")
+    add("--data", default="./data", help="dataset folder (default: %(default)s)")
+    add("--image-size", type=int, help="side of the crops (default 224, 32 for CIFAR); at 64 or less the "
+        "small-image recipe: 3x3 stride-1 stem, no max-pool, jitter strength 0.5, no blur")
+    add("--out", default="runs/polyview", help="run folder: checkpoint.pt, metrics.jsonl, loss.png, probe.json (default: %(default)s)")
+    add("--lr-scaling", choices=["sqrt", "linear"], help="peak learning rate from K, counted in images as "
+        "SimCLR counts its batch: sqrt, lr * sqrt(K), which SimCLR's appendix B.1 finds better at small "
+        "batches such as the paper's K = 256; linear, lr * K / 256 (default: sqrt; linear on small "
+        "images, as SimCLR's CIFAR-10 command)")
+    add("--lr", type=float, help="base learning rate (default: SimCLR's: 0.075 for sqrt, giving 1.2 at "
+        "K = 256; 0.3 for linear; 1.0 for linear on small images, giving 2.0 at K = 512)")
+    add("--temperature", type=float, help="tau (default: 0.1; 0.5 on small images, SimCLR's CIFAR-10 setting)")
+    add("--weight-decay", type=float, help="LARS weight decay, not on BN and biases (default: 1e-6; 1e-4 "
+        "on small images, SimCLR's CIFAR-10 setting)")
+    add("--warmup-epochs", type=float, default=10, help="linear warm-up, at most a tenth of the run (default: %(default)s)")
+    add("--workers", type=int, default=8, help="data-loading processes per GPU (default: %(default)s)")
+    add("--seed", type=int, default=0, help="seed of the weights, the data order and every view (default: %(default)s)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: %(default)s)")
+    add("--compile", action="store_true", help="torch.compile the backbone")
+    add("--probe-epochs", type=int, default=90, help="epochs of the fast linear probe (0 skips it) (default: %(default)s)")
+    add("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists (else start "
+        "fresh), so that the same command can be relaunched after a crash")
+    add("--log-every", type=int, default=50, help="steps between log lines (default: %(default)s)")
+    add("--benchmark", action="store_true", help="print views/s of the step, the backbone and the data path")
+    add("--bench-loss", action="store_true", help="print the cost of each objective against cross-entropy")
+    args = p.parse_args(argv)
+    if args.image_size is None:
+        args.image_size = 32 if args.dataset.startswith("cifar") else 224
+    small = args.small_images = args.image_size <= 64
+    defaults = dict(views=2 if args.loss == "simclr" else 8, batch_size=512 if small else 256,
+                    lr_scaling="linear" if small else "sqrt", temperature=0.5 if small else 0.1,
+                    weight_decay=1e-4 if small else 1e-6)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.lr is None:
+        args.lr = 0.075 if args.lr_scaling == "sqrt" else 1.0 if small else 0.3
+    return args
+
+
+def check_args(args, world_size):
+    """Fail fast, before any data or GPU is touched, on settings the run could not survive."""
+    least = dict(views=2, batch_size=2, epochs=0, workers=0, probe_epochs=0, log_every=1, image_size=8, seed=0,
+                 warmup_epochs=0, weight_decay=0, lr=0, temperature=0)
+    for name, bound in least.items():
+        value, strict = getattr(args, name), name in ("lr", "temperature")
+        if not (math.isfinite(value) and (value > bound if strict else value >= bound)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} {bound}, got {value}")
+    try:  # the objective itself knows its rules (simclr needs M = 2)
+        LOSSES[args.loss](torch.randn(2, args.views, 4), args.temperature)
+    except ValueError as error:
+        raise UserError(f"--loss {args.loss} --views {args.views}: {error}")
+    if args.supervised and args.loss != "supcon":
+        raise UserError(f"--supervised is supcon's supervised form, not --loss {args.loss}")
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} processes")
+    if args.dataset in ("imagenet", "folder"):
+        for split in ("train", "val"):
+            if not (Path(args.data) / split).is_dir():
+                raise UserError(f"--data {args.data} must hold the ImageFolders train/ and val/ ({split}/ is missing)")
+
+
+def write_atomically(path, write):
+    """write(file) into a temporary file, flushed to disk (fsync), then renamed over path: a crash
+    at any moment leaves either the old file or the new one, whole (a rename is atomic)."""
     temporary = path.with_name(path.name + ".tmp")
     try:
-        torch.save(state, temporary)
+        with open(temporary, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 
 
+def save_checkpoint(state, path):
+    write_atomically(path, lambda f: torch.save(state, f))
+
+
+# Settings a resumed run must share with its checkpoint: they shape the model, the data, the
+# objective or the learning-rate schedule.
+MUST_MATCH_ON_RESUME = ("arch", "loss", "supervised", "views", "batch_size", "dataset", "image_size", "epochs",
+                        "lr_scaling", "lr", "warmup_epochs", "temperature", "weight_decay", "seed")
+
+
 def load_checkpoint(path, args):
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
     for key in MUST_MATCH_ON_RESUME:
-        if checkpoint["args"][key] != getattr(args, key):
-            raise UserError(f"{path} was trained with --{key.replace('_', '-')} {checkpoint['args'][key]}, "
-                            f"this run asks for --{key.replace('_', '-')} {getattr(args, key)}")
+        if checkpoint["args"].get(key) != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{path} was trained with {flag} {checkpoint['args'].get(key)}, this run asks for "
+                            f"{flag} {getattr(args, key)}: resume with the same {flag}, or choose another --out")
     return checkpoint
 
 
-def log_window(window, step, epoch, lr, seconds, data_seconds, args, world_size, steps_left, out):
-    """The log record of the steps since the last one, with losses averaged over ranks; a
-    non-finite loss on any rank stops every rank, naming the step."""
-    losses = torch.stack(window).float()                              # [steps in the window]
+def read_metrics(path):
+    """The records of metrics.jsonl, less a last line cut short by a crash."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
+def check_window(window, skipped, tried, enough, world_size):
+    """The losses of the steps since the last log line, averaged over ranks, after two checks that
+    every rank makes on the same all-reduced numbers (so all stop together): a loss that is not
+    finite, and more than 1% of the images read so far (once `enough` were read) failing to decode."""
+    values = torch.cat([torch.stack(window).double(), torch.tensor([skipped, tried], dtype=torch.float64, device=window[0].device)])
     if world_size > 1:
-        dist.all_reduce(losses)
-        losses /= world_size
+        dist.all_reduce(values)
+        values[:-2] /= world_size
+    losses, (skipped, tried) = values[:-2], values[-2:].tolist()
+    if skipped > 0.01 * tried and tried >= enough:
+        raise UserError(f"{skipped:.0f} of the {tried:.0f} images read ({skipped / tried:.0%}) could not be decoded, "
+                        "more than 1%: check --data (the warnings name the files)")
     bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):  # the weights are already poisoned: stop, and keep the last checkpoint as it is
-        raise UserError(f"loss is {losses[bad[0, 0]].item()} at step {step - len(window) + int(bad[0, 0]) + 1} "
-                        f"(epoch {epoch}); stopping, the last good checkpoint is {out / 'checkpoint.pt'}")
-    record = {"step": step, "epoch": epoch, "loss": losses.mean().item(), "lr": lr,
-              "views_per_s": len(window) * args.batch_size * args.views / seconds, "data_wait": data_seconds / seconds,
-              "eta_s": steps_left * seconds / len(window)}
-    return record
+    return losses, (int(bad[0, 0]) if len(bad) else None)
 
 
 def build_model(args, device, distributed, lr, checkpoint=None):
     """(the model to call, the plain module the checkpoints and the probe use, its LARS)."""
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    torch.manual_seed(stream_seed(WEIGHTS, args.seed))  # the same initial weights on every rank
     model = PolyViewNet(args.arch, args.small_images)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -715,12 +805,13 @@ def build_model(args, device, distributed, lr, checkpoint=None):
     return model, raw_model, optimizer
 
 
-def train_step(model, optimizer, views, args, device):
-    """One step on this rank's uint8 crops [k, M, C, H, W]; returns the loss, still on the device
-    (no host sync: losses are read once per log line)."""
+def train_step(model, optimizer, views, labels, args, device):
+    """One step on this rank's uint8 crops [k, M, C, H, W] (labels [k] for supervised supcon, else
+    None); returns the loss, still on the device (no host sync: losses are read once per log line)."""
     views = device_augment(views.to(device, non_blocking=True), args.small_images)
+    labels = None if labels is None else labels.to(device, non_blocking=True)
     with mixed_precision(device):
-        loss = contrastive_loss(model, views, LOSSES[args.loss], args.temperature)
+        loss = contrastive_loss(model, views, LOSSES[args.loss], args.temperature, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -741,18 +832,16 @@ def train(args):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    checkpoint_path = out / "checkpoint.pt"
+    checkpoint_path, metrics = out / "checkpoint.pt", out / "metrics.jsonl"
     checkpoint = None
     if checkpoint_path.exists():
         if not args.resume:
             raise UserError(f"{checkpoint_path} exists: add --resume to continue it, or choose another --out")
         checkpoint = load_checkpoint(checkpoint_path, args)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
 
     pretrain_set, probe_train_set, probe_val_set = make_datasets(args)
     local_batch = args.batch_size // world_size
-    sampler = torch.utils.data.DistributedSampler(pretrain_set, world_size, rank, seed=args.seed, drop_last=True)
+    sampler = torch.utils.data.DistributedSampler(pretrain_set, world_size, rank, drop_last=True)
     loader = torch.utils.data.DataLoader(pretrain_set, local_batch, sampler=sampler, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", drop_last=True)
     steps_per_epoch = len(loader)
@@ -760,47 +849,62 @@ def train(args):
         raise UserError(f"{len(pretrain_set)} images make no full batch of {args.batch_size} (per process: {local_batch})")
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(min(args.warmup_epochs, args.epochs / 10) * steps_per_epoch)
-    peak_lr = args.lr * args.batch_size / 256
+    peak_lr = peak_learning_rate(args)
 
     model, raw_model, optimizer = build_model(args, device, distributed, peak_lr, checkpoint)
     start_epoch = step = 0
     if checkpoint is not None:
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-        if master:
-            print(f"resuming {checkpoint_path} at epoch {start_epoch}, step {step}")
-            if (out / "metrics.jsonl").exists():  # drop what the crashed run logged after its checkpoint
-                lines = (out / "metrics.jsonl").read_text().splitlines()
-                kept = [line + "\n" for line in lines if json.loads(line)["step"] <= step]
-                (out / "metrics.jsonl").write_text("".join(kept))
     if master:
+        out.mkdir(parents=True, exist_ok=True)
+        if checkpoint is not None:
+            print(f"resuming {checkpoint_path} at epoch {start_epoch}, step {step}")
+            if metrics.exists():  # drop what the crashed run logged after its checkpoint
+                kept = "".join(json.dumps(r) + "\n" for r in read_metrics(metrics) if r["step"] <= step)
+                write_atomically(metrics, lambda f: f.write(kept.encode()))
+        elif metrics.exists():  # an earlier run into this folder that never reached a checkpoint
+            os.replace(metrics, out / "metrics.old.jsonl")
+            print(f"moved the metrics.jsonl of an earlier run, which left no checkpoint, to {out / 'metrics.old.jsonl'}")
         params = sum(p.numel() for p in raw_model.parameters()) / 1e6
-        print(f"{args.loss}: K={args.batch_size} images x M={args.views} views per step on {world_size} x {device.type}, "
-              f"{args.arch} ({params:.1f}M parameters), {steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g}")
+        print(f"{args.loss}{' (supervised)' if args.supervised else ''}: K={args.batch_size} images x M={args.views} "
+              f"views per step on {world_size} x {device.type}, {args.arch} ({params:.1f}M parameters), "
+              f"{steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g} ({args.lr_scaling} rule)")
 
+    skipped = tried = 0  # undecodable files passed over, and all files read, by this rank
+    enough = min(1000, len(pretrain_set))
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        sampler.set_epoch(epoch)
-        # Seeding each epoch by (seed, rank, epoch) makes its views the same whether or not the run
-        # was resumed, with or without worker processes (they draw their seeds from this RNG).
-        torch.manual_seed(args.seed + rank + world_size * (epoch + 1))
+        # Every stream from (seed, rank, epoch): the views are the same whether or not the run was
+        # resumed, with or without worker processes (they draw their seeds from this RNG). The
+        # sampler's own seed + epoch would repeat across seeds: it gets a mixed seed per epoch
+        # instead, the same on every rank, and its epoch stays 0.
+        sampler.seed = stream_seed(ORDER, args.seed, 0, epoch)
+        torch.manual_seed(stream_seed(VIEWS, args.seed, rank, epoch))
         window, tick, data_seconds = [], time.perf_counter(), 0.0
         loading = time.perf_counter()
-        for views, _ in loader:                                      # [K / world, M, C, H, W]
+        for views, labels, passed_over in loader:                      # [K / world, M, C, H, W]
             data_seconds += time.perf_counter() - loading
+            skipped += int(passed_over.sum())
+            tried += len(views) + int(passed_over.sum())
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            window.append(train_step(model, optimizer, views, args, device))
+            window.append(train_step(model, optimizer, views, labels if args.supervised else None, args, device))
             step += 1
             if step % args.log_every == 0 or step % steps_per_epoch == 0:
                 seconds = time.perf_counter() - tick
-                record = log_window(window, step, epoch, lr, seconds, data_seconds, args, world_size,
-                                    total_steps - step, out)
+                losses, bad = check_window(window, skipped, tried, enough, world_size)
+                if bad is not None:  # the weights are already poisoned: stop, keep the checkpoint as it is
+                    kept = f"{checkpoint_path} (after epoch {epoch - 1}) is kept as it was" if epoch > 0 else "no checkpoint was written yet"
+                    raise UserError(f"loss is {losses[bad].item()} at step {step - len(window) + bad + 1} (epoch {epoch}); stopping: {kept}")
+                record = {"step": step, "epoch": epoch, "loss": losses.mean().item(), "lr": lr,
+                          "views_per_s": len(window) * args.batch_size * args.views / seconds,
+                          "data_wait": data_seconds / seconds, "eta_s": (total_steps - step) * seconds / len(window)}
                 if master:
                     print(f"epoch {epoch} step {step}/{total_steps} loss {record['loss']:.4f} lr {lr:.3g} "
                           f"{record['views_per_s']:.0f} views/s data {record['data_wait']:.0%} "
                           f"eta {record['eta_s'] / 60:.1f} min", flush=True)
-                    with open(out / "metrics.jsonl", "a") as f:
+                    with open(metrics, "a") as f:
                         f.write(json.dumps(record) + "\n")
                 window, tick, data_seconds = [], time.perf_counter(), 0.0
             loading = time.perf_counter()
@@ -812,13 +916,15 @@ def train(args):
         dist.destroy_process_group()
     if not master:
         return
-    if (out / "metrics.jsonl").exists():
+    if metrics.exists():
         plot_loss(out)
     if args.probe_epochs > 0:  # rank 0 alone, after the other ranks have left
         probe_loaders = [torch.utils.data.DataLoader(s, 256, num_workers=args.workers) for s in (probe_train_set, probe_val_set)]
         result = linear_probe(raw_model, *probe_loaders, args.probe_epochs, device)
-        print(f"linear probe: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  k-NN top-1 {result['knn_top1']:.2f}%")
-        (out / "probe.json").write_text(json.dumps(result) + "\n")
+        top5 = "n/a (under 5 classes)" if result["top5"] is None else f"{result['top5']:.2f}%"
+        print(f"fast linear probe (not SimCLR's linear evaluation): top-1 {result['top1']:.2f}%  top-5 {top5}  "
+              f"k-NN top-1 {result['knn_top1']:.2f}%")
+        write_atomically(out / "probe.json", lambda f: f.write((json.dumps(result) + "\n").encode()))
 
 
 def plot_loss(out):
@@ -826,7 +932,7 @@ def plot_loss(out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out / "metrics.jsonl")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records])
     ax.set(xlabel="step", ylabel="loss", title="pre-training loss")
@@ -835,9 +941,9 @@ def plot_loss(out):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------
-# Benchmarks
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
+# Benchmarks: tooling, not the lesson
+# ==============================================================================================
 
 
 def measure(functions, repeats, device):
@@ -846,80 +952,42 @@ def measure(functions, repeats, device):
     times = [float("inf")] * len(functions)
     for attempt in range(repeats + 1):
         for n, fn in enumerate(functions):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            torch.cuda.synchronize() if device.type == "cuda" else None
             start = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if attempt > 0:
-                times[n] = min(times[n], time.perf_counter() - start)
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            times[n] = min(times[n], time.perf_counter() - start) if attempt else times[n]
     return times
 
 
 def bench_loss(device, repeats=20):
     """Forward + backward of each objective against a plain cross-entropy over one [KM, KM]
-    similarity matrix (the floor any of them can reach), and against the naive loops of
-    test_polyview.py where those finish in seconds (K * M <= 256). Memory: peak allocated on CUDA; on
-    the CPU, the bytes the objective saves for its backward pass."""
-    try:
-        from test_polyview import naive_loss
-    except ImportError:
-        naive_loss = None
-
+    similarity matrix (the floor any of them can reach). Memory: peak allocated on CUDA; on the
+    CPU, the bytes the objective saves for its backward pass."""
     def cross_entropy(z, temperature):
         x = F.normalize(z.flatten(0, 1), dim=-1)
         logits = ((x / temperature) @ x.T).fill_diagonal_(float("-inf"))
-        targets = torch.arange(len(x), device=x.device) ^ 1       # any fixed positive per row
-        return F.cross_entropy(logits, targets)
+        return F.cross_entropy(logits, torch.arange(len(x), device=x.device) ^ 1)  # any fixed positive per row
 
-    def cost(fn, z):
-        """(seconds of fn, seconds of the plain cross-entropy timed in turn with it, MiB)."""
-        seconds, floor = measure([lambda: fn(z, 0.1).backward(), lambda: cross_entropy(z, 0.1).backward()],
-                                 repeats, device)
-        saved = []
+    def mebibytes(fn, z):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             fn(z, 0.1).backward()
-            return seconds, floor, (torch.cuda.max_memory_allocated() - base) / 2**20
+            return (torch.cuda.max_memory_allocated() - base) / 2**20
+        saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
             fn(z, 0.1)
-        return seconds, floor, sum(saved) / 2**20
+        return sum(saved) / 2**20
 
-    print(f"{'K':>4} {'M':>2} {'objective':>10} {'ms':>8} {'x CE':>6} {'MiB':>8} {'loop ms':>9}   (D = 128, {device.type})")
+    print(f"{'K':>4} {'M':>2} {'objective':>10} {'ms':>8} {'x CE':>6} {'MiB':>8}   (D = 128, {device.type})")
     for K in (64, 256):
         for M in (2, 4, 8):
             z = torch.randn(K, M, 128, device=device, requires_grad=True)
-            seconds, _, mib = cost(cross_entropy, z)
-            print(f"{K:4} {M:2} {'plain CE':>10} {seconds * 1e3:8.2f} {1:6.2f} {mib:8.1f}")
-            for name, fn in LOSSES.items():
-                if name == "simclr" and M != 2:
-                    continue
-                seconds, floor, mib = cost(fn, z)
-                loop = "-"
-                if naive_loss is not None and K * M <= 256:
-                    z64 = z.detach().double().requires_grad_()
-                    loop = f"{measure([lambda: naive_loss(name, z64, 0.1).backward()], 1, device)[0] * 1e3:9.0f}"
-                print(f"{K:4} {M:2} {name:>10} {seconds * 1e3:8.2f} {seconds / floor:6.2f} {mib:8.1f} {loop:>9}")
-
-
-class DecodePerView(MultiView):
-    """The naive data path, for the benchmark only: the file is read and decoded again per view."""
-
-    def __getitem__(self, index):
-        decoded = [self.dataset[index] for _ in range(self.num_views)]  # (image, label), M times
-        return torch.stack([self.transform(image) for image, _ in decoded]), decoded[0][1]
-
-
-def make_jpeg_folder(root, count=32):
-    """count ImageNet-sized (500x375) JPEGs of smooth colour fields and noise, in one class."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for n in range(count):
-        field = torch.rand(3, 4, 4).repeat_interleave(94, 1).repeat_interleave(125, 2)[:, :375, :500]
-        image = (field * 200 + torch.rand(3, 375, 500) * 55).to(torch.uint8)
-        torchvision.io.write_jpeg(image, str(root / "images" / f"{n}.jpg"), quality=90)
-    return root
+            for name, fn in {"plain CE": cross_entropy, **LOSSES}.items():
+                if name != "simclr" or M == 2:
+                    seconds, floor = measure([lambda: fn(z, 0.1).backward(), lambda: cross_entropy(z, 0.1).backward()], repeats, device)
+                    print(f"{K:4} {M:2} {name:>10} {seconds * 1e3:8.2f} {seconds / floor:6.2f} {mebibytes(fn, z):8.1f}")
 
 
 def benchmark(args):
@@ -936,24 +1004,18 @@ def benchmark(args):
     model, _, optimizer = build_model(args, device, False, lr=1e-4)
     loader = torch.utils.data.DataLoader(make_datasets(args)[0], args.batch_size, shuffle=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)
-    views_per_step = args.batch_size * args.views
+    views_per_step, batches, waiting = args.batch_size * args.views, iter(loader), 0.0
     if len(loader) < steps + 2:
         raise UserError(f"the benchmark needs {steps + 2} batches, --dataset {args.dataset} has {len(loader)}")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-    batches, waiting = iter(loader), 0.0
-    for _ in range(2):  # warm-up (and compilation)
-        train_step(model, optimizer, next(batches)[0], args, device)
-    start = time.perf_counter()
-    for _ in range(steps):
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    for n in range(steps + 2):  # two warm-up steps (and compilation), then the timed ones
+        start = time.perf_counter() if n == 2 else start
         tick = time.perf_counter()
         views = next(batches)[0]
-        waiting += time.perf_counter() - tick
-        loss = train_step(model, optimizer, views, args, device)
+        waiting += time.perf_counter() - tick if n >= 2 else 0.0
+        loss = train_step(model, optimizer, views, None, args, device)
     loss.item()  # wait for the device
-    full = time.perf_counter() - start
-    views = views.to(device)
+    full, views = time.perf_counter() - start, views.to(device)
     z = torch.randn(args.batch_size, args.views, 128, device=device, requires_grad=True)
     images = torch.randn(views_per_step, 3, args.image_size, args.image_size, device=device)
     images = images.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
@@ -963,7 +1025,7 @@ def benchmark(args):
             model.backbone(images).float().mean().backward()
 
     step, alone, augment, objective = measure([
-        lambda: train_step(model, optimizer, views, args, device), backbone_step,
+        lambda: train_step(model, optimizer, views, None, args, device), backbone_step,
         lambda: device_augment(views, args.small_images), lambda: LOSSES[args.loss](z, args.temperature).backward(),
     ], steps, device)
     print(f"{args.arch} at {args.image_size}px, K={args.batch_size} x M={args.views} = {views_per_step} views/step, "
@@ -976,20 +1038,23 @@ def benchmark(args):
     if device.type == "cuda":
         print(f"  peak memory                    {torch.cuda.max_memory_allocated() / 2**30:9.1f} GiB")
 
-    with tempfile.TemporaryDirectory() as folder:
-        jpegs = torchvision.datasets.ImageFolder(make_jpeg_folder(Path(folder)), v2.ToImage())
+    with tempfile.TemporaryDirectory() as folder:  # 32 ImageNet-sized JPEGs: colour fields and noise
+        (Path(folder) / "images").mkdir()
+        for n in range(32):
+            field = torch.rand(3, 4, 4).repeat_interleave(94, 1).repeat_interleave(125, 2)[:, :375, :500]
+            jpeg = (field * 200 + torch.rand(3, 375, 500) * 55).to(torch.uint8)
+            torchvision.io.write_jpeg(jpeg, f"{folder}/images/{n}.jpg", quality=90)
+        jpegs = torchvision.datasets.ImageFolder(folder, v2.ToImage())
         crop = random_crop_and_flip(224)
         print("data path, one worker, 500x375 JPEGs to 224px crops:")
-        for num_views in (2, 8):
-            for name, kind in (("decode once per image", MultiView), ("decode once per view ", DecodePerView)):
-                dataset = kind(jpegs, crop, num_views)
-                seconds = measure([lambda: [dataset[i] for i in range(len(dataset))]], 1, cpu)[0]
-                print(f"  M={num_views} {name} {len(dataset) * num_views / seconds:7.1f} views/s")
+        for M in (2, 8):
+            once = measure([lambda: [MultiView(jpegs, crop, M)[i] for i in range(len(jpegs))]], 1, cpu)[0]
+            per_view = measure([lambda: [[crop(jpegs[i][0]) for _ in range(M)] for i in range(len(jpegs))]], 1, cpu)[0]
+            print(f"  M={M} decode once per image {len(jpegs) * M / once:7.1f} views/s, once per view {len(jpegs) * M / per_view:7.1f}")
         decoded = jpegs[0][0]
         image = v2.functional.to_pil_image(v2.functional.center_crop(decoded, 224))  # torchvision's colour ops run on PIL
         batch = v2.functional.center_crop(decoded, 224).to(device).float().div(255).expand(64, 3, 224, 224)
-        rows = [("decode", lambda: jpegs[0], None),
-                ("crop + flip", lambda: crop(decoded), None),
+        rows = [("decode", lambda: jpegs[0], None), ("crop + flip", lambda: crop(decoded), None),
                 ("colour jitter", lambda: v2.ColorJitter(0.8, 0.8, 0.8, 0.2)(image), lambda: colour_jitter(batch, 1.0, p=1)),
                 ("grayscale", lambda: v2.Grayscale(3)(image), lambda: random_grayscale(batch, p=1)),
                 ("blur (k = 23)", lambda: v2.GaussianBlur(23, (0.1, 2.0))(image), lambda: random_blur(batch, 23, p=1))]
@@ -999,9 +1064,9 @@ def benchmark(args):
             print(line + (f" {measure([batched], 5, device)[0] * 1e3 / len(batch):20.2f}" if batched else ""))
 
 
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
 # Main
-# ----------------------------------------------------------------------------------------------
+# ==============================================================================================
 
 
 def main(argv=None):

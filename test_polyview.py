@@ -22,16 +22,16 @@ from torchvision.transforms.v2 import functional as TF
 import polyview
 from polyview import LOSSES
 
-POLY_VIEW = ["multicrop", "geometric", "arithmetic", "suffstats"]
+MULTI_VIEW = [name for name in LOSSES if name != "simclr"]  # every objective that takes any M >= 2
 
 
 # ----------------------------------------------------------------------------------------------
-# Naive references, written straight from the formulas of SPEC section 2: plain loops over
-# anchors, positives and other samples, no masks. Slow, float64, obviously right.
+# Naive references, written straight from the formulas in the objectives' docstrings: plain loops
+# over anchors, positives and other samples, no masks. Slow, float64, obviously right.
 # ----------------------------------------------------------------------------------------------
 
 
-def naive_loss(name, z, temperature, anchors=None):
+def naive_loss(name, z, temperature, anchors=None, labels=None):
     K, M, _ = z.shape
     z = z / z.norm(dim=-1, keepdim=True)
     s = torch.einsum("iad,jgd->iajg", z, z) / temperature  # s[i,a,j,g] = <z_ia, z_jg> / tau
@@ -44,9 +44,10 @@ def naive_loss(name, z, temperature, anchors=None):
         for a in range(M):
             others = [b for b in range(M) if b != a]
             N = negatives(i, a, list(range(M)))
+            everyone_else = [(j, g) for j in range(K) for g in range(M) if (j, g) != (i, a)]
             if name == "simclr":  # all 2K - 1 other views are candidates
                 b = 1 - a
-                candidates = sum(s[i, a, j, g].exp() for j in range(K) for g in range(M) if (j, g) != (i, a))
+                candidates = sum(s[i, a, j, g].exp() for j, g in everyone_else)
                 terms.append(-s[i, a, i, b] + candidates.log())
             elif name == "multicrop":
                 for b in others:
@@ -63,11 +64,18 @@ def naive_loss(name, z, temperature, anchors=None):
                 t = t / t.norm().clamp_min(1e-12)  # at D = 1 the other views can cancel: t = 0
                 u = torch.dot(z[i, a], t) / temperature
                 terms.append(-u + (u.exp() + N).log())
+            elif name == "supcon":  # P: own other views, or every other view of the same label
+                positives = [(j, g) for j, g in everyone_else if j == i or (labels is not None and labels[j] == labels[i])]
+                log_candidates = sum(s[i, a, j, g].exp() for j, g in everyone_else).log()
+                terms.append(sum(-s[i, a, j, g] + log_candidates for j, g in positives) / len(positives))
+            elif name == "dcl":
+                for b in others:
+                    terms.append(-s[i, a, i, b] + N.log())
     return sum(terms) / len(terms)
 
 
 def names_for(M):
-    return ["simclr"] + POLY_VIEW if M == 2 else POLY_VIEW
+    return list(LOSSES) if M == 2 else MULTI_VIEW
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,12 +102,14 @@ def test_objectives_match_naive_loops_in_value_and_gradient(K, M, D, temperature
         torch.testing.assert_close(grad_fast, grad_slow, rtol=1e-7, atol=1e-12, msg=f"{name} gradient")
 
 
-def test_all_five_objectives_are_simclr_at_two_views():
+def test_every_objective_but_dcl_is_simclr_at_two_views():
     torch.manual_seed(1)
     z = torch.randn(24, 2, 8, dtype=torch.float64)
     simclr = LOSSES["simclr"](z, 0.1)
-    for name in POLY_VIEW:
-        torch.testing.assert_close(LOSSES[name](z, 0.1), simclr, rtol=1e-12, atol=0, msg=name)
+    for name in MULTI_VIEW:
+        if name != "dcl":  # dcl leaves the positive out of the denominator: it is two-view DCL
+            torch.testing.assert_close(LOSSES[name](z, 0.1), simclr, rtol=1e-12, atol=0, msg=name)
+    assert LOSSES["dcl"](z, 0.1) < simclr
 
 
 @pytest.mark.parametrize("M", [2, 3, 4, 8])
@@ -129,16 +139,57 @@ def test_objectives_are_invariant_to_permuting_samples_and_views(name):
         torch.testing.assert_close(LOSSES[name](shuffled, 0.3), expected, rtol=1e-12, atol=0)
 
 
-def test_reference_values_from_the_spec():
-    expected = {
-        2: dict.fromkeys(LOSSES, 4.940932),
-        3: {"multicrop": 4.974418, "geometric": 5.380408, "arithmetic": 5.181351, "suffstats": 5.474574},
-    }
+# Reference values, from the naive float64 loops above with this recipe: torch.manual_seed(0)
+# once, then for M in 2, 3, 4, 8, in that order, z = torch.randn(32, M, 16, dtype=torch.float64);
+# tau = 0.2. (simclr, M = 2 only, equals the M = 2 row of the others but dcl.)
+REFERENCE = {
+    #   multicrop  geometric  arithmetic suffstats  supcon     dcl
+    2: (4.940932, 4.940932, 4.940932, 4.940932, 4.940932, 4.922723),
+    3: (4.974418, 5.380408, 5.181351, 5.474574, 5.388963, 5.371767),
+    4: (4.900752, 5.596496, 5.207637, 5.651035, 5.611851, 5.588719),
+    8: (4.860415, 6.245408, 5.672926, 6.175159, 6.268834, 6.241449),
+}
+
+
+def test_reference_values():
     torch.manual_seed(0)
-    for M in (2, 3, 4, 8):
+    for M, values in REFERENCE.items():
         z = torch.randn(32, M, 16, dtype=torch.float64)
-        for name, value in expected.get(M, {}).items():
+        expected = dict(zip(MULTI_VIEW, values, strict=True)) | ({"simclr": values[0]} if M == 2 else {})
+        for name, value in expected.items():
             assert LOSSES[name](z, 0.2).item() == pytest.approx(value, abs=1e-6), (M, name)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_objectives_compute_in_float32_under_bf16_autocast(name):
+    """Under autocast a matmul would run in bf16: its logits put percent-level errors into the gradient."""
+    torch.manual_seed(5)
+    z = torch.randn(64, 2 if name == "simclr" else 8, 128, requires_grad=True)
+    (exact,) = torch.autograd.grad(LOSSES[name](z, 0.1), z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = LOSSES[name](z, 0.1)
+    (autocast,) = torch.autograd.grad(loss, z)
+    assert loss.dtype == torch.float32
+    assert ((autocast - exact).norm() / exact.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("K, M", [(6, 2), (8, 3), (12, 4)])
+def test_supervised_supcon_matches_loops_and_reduces_to_the_unsupervised_form(K, M):
+    torch.manual_seed(K + M)
+    z = torch.randn(K, M, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (K,))
+    for anchors in (None, slice(0, K // 2), slice(K // 2, K)):
+        fast = LOSSES["supcon"](z, 0.3, anchors=anchors, labels=labels)
+        slow = naive_loss("supcon", z, 0.3, anchors=anchors, labels=labels)
+        torch.testing.assert_close(fast, slow, rtol=1e-9, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(fast, z)[0], torch.autograd.grad(slow, z)[0], rtol=1e-7, atol=1e-12)
+    distinct = torch.arange(K)  # one label per sample: the positives are the sample's own views
+    torch.testing.assert_close(LOSSES["supcon"](z, 0.3, labels=distinct), LOSSES["supcon"](z, 0.3), rtol=1e-12, atol=0)
+    order = torch.randperm(K)  # permuting samples together with their labels changes nothing
+    torch.testing.assert_close(LOSSES["supcon"](z[order], 0.3, labels=labels[order]),
+                               LOSSES["supcon"](z, 0.3, labels=labels), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        LOSSES["supcon"](z, 0.3, labels=labels[:-1])
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
@@ -199,6 +250,8 @@ def test_bad_arguments_raise_value_errors_that_name_the_rule(name):
     for bad in (slice(2, 2), slice(3, 9), slice(-2, 4), slice(None, 2), slice(0, 4, 2)):
         with pytest.raises(ValueError, match="anchors must be"):
             loss(torch.randn(4, M, 4), 0.1, anchors=bad)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        loss(torch.randn(4, M, 4), float("nan"))
     if name == "simclr":
         with pytest.raises(ValueError, match="M = 2"):
             loss(torch.randn(4, 3, 4), 0.1)
@@ -244,8 +297,8 @@ def test_views_of_one_image_are_distinct_crops_and_seeded(shapes):
     folder = torchvision.datasets.ImageFolder(shapes / "train", TV.ToImage())
     dataset = polyview.MultiView(folder, polyview.random_crop_and_flip(32), num_views=6)
     torch.manual_seed(0)
-    views, label = dataset[5]
-    assert views.shape == (6, 3, 32, 32) and views.dtype == torch.uint8 and label == folder[5][1]
+    views, label, skipped = dataset[5]
+    assert views.shape == (6, 3, 32, 32) and views.dtype == torch.uint8 and label == folder[5][1] and skipped == 0
     for a in range(6):
         for b in range(a):
             assert not torch.equal(views[a], views[b])
@@ -258,17 +311,91 @@ def test_views_of_one_image_are_distinct_crops_and_seeded(shapes):
     assert 0 <= augmented.min() and augmented.max() <= 1
 
 
-def test_an_undecodable_image_is_skipped_with_a_warning_naming_it(tmp_path):
+def break_images(root, count):
+    """Replace the first `count` train images by a truncated JPEG, a corrupt PNG and an empty file,
+    in turn (PIL raises OSError, SyntaxError or UnidentifiedImageError on them); their names."""
+    from PIL import Image
+
+    broken = []
+    for n, file in enumerate(sorted((root / "train").rglob("*.png"))[:count]):
+        broken.append(file.with_suffix((".jpg", ".corrupt.png", ".empty.png")[n % 3]))
+        if n % 3 == 0:
+            Image.open(file).save(broken[-1], quality=90)
+            broken[-1].write_bytes(broken[-1].read_bytes()[:200])
+        else:
+            broken[-1].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30 if n % 3 == 1 else b"")
+        file.unlink()
+    return broken
+
+
+def test_undecodable_images_are_skipped_with_a_warning_naming_each(tmp_path):
     import torchvision
 
-    root = draw_shapes(tmp_path, per_class=2)
-    broken = root / "train" / "circle" / "0.png"
-    broken.write_bytes(b"not an image")
-    folder = torchvision.datasets.ImageFolder(root / "train", TV.ToImage())
+    names = {file.name for file in break_images(draw_shapes(tmp_path, per_class=2), count=3)}  # 3 of 6
+    folder = torchvision.datasets.ImageFolder(tmp_path / "train", TV.ToImage())
+    broken = [i for i, (path, _) in enumerate(folder.samples) if Path(path).name in names]
+    assert len(broken) == 3
     dataset = polyview.MultiView(folder, polyview.centre_crop(32, small_images=True), num_views=1)
-    with pytest.warns(UserWarning, match="0.png"):
-        views, label = dataset[0]
-    assert views.shape == (1, 3, 32, 32) and label == folder[1][1]  # the next image stands in
+    for i in broken:
+        with pytest.warns(UserWarning, match=Path(folder.samples[i][0]).name):
+            views, label, skipped = dataset[i]
+        assert views.shape == (1, 3, 32, 32) and skipped >= 1
+        assert label == folder.samples[(i + skipped) % len(folder)][1]  # the next decodable image stands in
+
+
+class Raises(torch.utils.data.Dataset):
+    """Item i raises errors[i], or returns a grey image when errors[i] is None."""
+
+    def __init__(self, errors):
+        self.errors = errors
+
+    def __len__(self):
+        return len(self.errors)
+
+    def __getitem__(self, i):
+        if self.errors[i] is not None:
+            raise self.errors[i]
+        return torch.full((3, 8, 8), 128, dtype=torch.uint8), i
+
+
+def test_any_decoding_error_is_skipped_not_only_oserror():
+    from PIL import Image
+
+    errors = [SyntaxError("broken PNG file"), ValueError("bad mode"), Image.DecompressionBombError("too big"), None]
+    dataset = polyview.MultiView(Raises(errors), TV.Identity(), num_views=2)
+    with pytest.warns(UserWarning) as caught:
+        views, label, skipped = dataset[0]
+    assert (label, skipped, views.shape) == (3, 3, (2, 3, 8, 8))
+    assert [str(w.message) for w in caught] == [f"skipping undecodable image #{i}: {type(e).__name__}: {e}"
+                                                for i, e in enumerate(errors[:3])]
+    with pytest.warns(UserWarning), pytest.raises(polyview.UserError, match="none of the 3 images"):
+        polyview.MultiView(Raises(errors[:3]), TV.Identity(), num_views=2)[1]
+
+
+def stream_views(dataset, seed, rank, epoch):
+    torch.manual_seed(polyview.stream_seed(polyview.VIEWS, seed, rank, epoch))
+    return dataset[0][0]
+
+
+def test_seeds_rank_and_epoch_give_independent_streams(shapes):
+    import torchvision
+
+    folder = torchvision.datasets.ImageFolder(shapes / "train", TV.ToImage())
+    dataset = polyview.MultiView(folder, polyview.random_crop_and_flip(32), num_views=4)
+    # A sum such as seed + rank + epoch would make each of these pairs draw the same views.
+    assert not torch.equal(stream_views(dataset, 1, 0, 0), stream_views(dataset, 0, 0, 1))
+    assert not torch.equal(stream_views(dataset, 1, 0, 0), stream_views(dataset, 0, 1, 0))
+    assert torch.equal(stream_views(dataset, 3, 1, 2), stream_views(dataset, 3, 1, 2))  # and each is reproducible
+    seeds = {polyview.stream_seed(stream, seed, rank, epoch)
+             for stream in range(3) for seed in range(8) for rank in range(8) for epoch in range(8)}
+    assert len(seeds) == 3 * 8**3  # no two (stream, seed, rank, epoch) share a seed
+
+    def order(seed, epoch):  # the data order of an epoch, as the training loop sets it
+        sampler = torch.utils.data.DistributedSampler(range(100), num_replicas=1, rank=0)
+        sampler.seed = polyview.stream_seed(polyview.ORDER, seed, 0, epoch)
+        return list(sampler)
+
+    assert order(1, 0) != order(0, 1) and order(2, 3) == order(2, 3)
 
 
 # The colour augmentations on the device: exact against torchvision for fixed parameters, and the
@@ -484,20 +611,23 @@ def records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", [*LOSSES, "supcon --supervised"])
 def test_each_objective_pretrains_and_probes_end_to_end(loss, shapes, tmp_path):
     views = "2" if loss == "simclr" else "3"
-    done = subprocess.run(tiny_run(shapes, tmp_path, "--loss", loss, "--views", views, "--epochs", "1"),
+    done = subprocess.run(tiny_run(shapes, tmp_path, "--loss", *loss.split(), "--views", views, "--epochs", "1"),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert [r["step"] for r in records(tmp_path)] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["views_per_s"] > 0 for r in records(tmp_path))
     assert (tmp_path / "loss.png").stat().st_size > 0
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert checkpoint["epoch"] == 1 and checkpoint["step"] == 2 and checkpoint["args"]["loss"] == loss
+    assert checkpoint["epoch"] == 1 and checkpoint["step"] == 2 and checkpoint["args"]["loss"] == loss.split()[0]
+    assert checkpoint["args"]["supervised"] == loss.endswith("--supervised")
     probe = json.loads((tmp_path / "probe.json").read_text())
-    assert set(probe) == {"top1", "top5", "knn_top1"} and all(0 <= v <= 100 for v in probe.values())
-    assert probe["top5"] == 100  # 3 classes: the true one is always among the top 5
+    assert set(probe) == {"protocol", "top1", "top5", "knn_top1"} and probe["protocol"].startswith("fast linear probe")
+    assert 0 <= probe["top1"] <= 100 and 0 <= probe["knn_top1"] <= 100
+    assert probe["top5"] is None  # 3 classes: a top-5 would be 100% whatever the features
+    assert "fast linear probe (not SimCLR's linear evaluation)" in done.stdout
     print(f"{loss}: {records(tmp_path)[-1]['views_per_s']:.1f} views/s")  # the CPU throughput (pytest -s)
 
 
@@ -513,6 +643,8 @@ def test_a_killed_run_resumes_where_it_stopped(shapes, tmp_path):
     run.send_signal(signal.SIGKILL)  # as soon as the first epoch's checkpoint is there
     run.wait()
     assert torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"] == 1, "killed too late to test a resume"
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "epoch": 1, "lo')  # as if killed while writing its next line
 
     refused = subprocess.run(tiny_run(shapes, killed, *flags), capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--resume" in refused.stderr  # never silently overwritten
@@ -525,6 +657,16 @@ def test_a_killed_run_resumes_where_it_stopped(shapes, tmp_path):
     final = [torch.load(out / "checkpoint.pt", weights_only=False)["model"] for out in (whole, killed)]
     for name, tensor in final[0].items():
         torch.testing.assert_close(final[1][name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_fresh_run_moves_stale_metrics_aside(shapes, tmp_path):
+    stale = '{"step": 7, "epoch": 3, "loss": 9.0}\n{"step": 8, "ep'  # a run that crashed before any checkpoint
+    (tmp_path / "metrics.jsonl").write_text(stale)
+    done = subprocess.run(tiny_run(shapes, tmp_path, "--loss", "dcl", "--views", "2", "--epochs", "1", "--probe-epochs", "0"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in records(tmp_path)] == [1, 2]
+    assert (tmp_path / "metrics.old.jsonl").read_text() == stale
 
 
 class Unpicklable:
@@ -542,36 +684,61 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step(shapes, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("bad_step, message", [
+    (3, "loss is nan at step 3 (epoch 1); stopping: {out}/checkpoint.pt (after epoch 0) is kept as it was"),
+    (1, "loss is nan at step 1 (epoch 0); stopping: no checkpoint was written yet"),
+])
+def test_a_non_finite_loss_stops_the_run_naming_the_step(bad_step, message, shapes, tmp_path, monkeypatch, capsys):
     geometric, calls = LOSSES["geometric"], []
 
-    def breaks_at_step_three(z, temperature, anchors=None):
-        calls.append(1)  # call 1 checks the settings; calls 2, 3 are steps 1, 2 (epoch 0)
-        return geometric(z, temperature, anchors) + (float("nan") if len(calls) >= 4 else 0.0)
+    def breaks(z, temperature, anchors=None):
+        calls.append(1)  # call 1 checks the settings; call n + 1 is step n
+        return geometric(z, temperature, anchors) + (float("nan") if len(calls) > bad_step else 0.0)
 
-    monkeypatch.setitem(polyview.LOSSES, "geometric", breaks_at_step_three)
+    monkeypatch.setitem(polyview.LOSSES, "geometric", breaks)
     with pytest.raises(SystemExit) as stop:
         polyview.main(tiny_run(shapes, tmp_path, "--loss", "geometric", "--views", "3", "--epochs", "2")[2:])
     assert stop.value.code == 2
     error = capsys.readouterr().err
-    assert "loss is nan at step 3 (epoch 1)" in error and len(error.strip().splitlines()) == 1
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1  # the last good one
+    assert message.format(out=tmp_path) in error and len(error.strip().splitlines()) == 1, error
+    if bad_step == 3:
+        assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1  # the last good one
+
+
+BAD_FLAGS = [
+    (["--views", "1"], "--views must be a finite number >= 2, got 1"),
+    (["--views", "-1"], "--views must be a finite number >= 2, got -1"),
+    (["--loss", "simclr", "--views", "4"], "M = 2"),
+    (["--batch-size", "1"], "--batch-size must be a finite number >= 2"),
+    (["--epochs", "-1"], "--epochs must"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number > 0, got inf"),
+    (["--temperature", "0"], "--temperature must"),
+    (["--weight-decay=-1e-6"], "--weight-decay must be a finite number >= 0, got -1e-06"),
+    (["--weight-decay", "inf"], "--weight-decay must"),
+    (["--warmup-epochs", "nan"], "--warmup-epochs must"),
+    (["--workers", "-2"], "--workers must"),
+    (["--image-size", "0"], "--image-size must"),
+    (["--probe-epochs", "-1"], "--probe-epochs must"),
+    (["--log-every", "0"], "--log-every must"),
+    (["--seed", "-1"], "--seed must"),
+    (["--supervised"], "--supervised is supcon's supervised form"),
+    (["--data", "nowhere"], "train/ and val/"),
+    (["--data", "train"], "train/ and val/"),
+]
 
 
 def test_bad_input_gets_one_line_and_exit_code_two(shapes, tmp_path, capsys):
-    cases = [
-        (["--views", "1"], "M >= 2"),
-        (["--loss", "simclr", "--views", "4"], "M = 2"),
-        (["--batch-size", "1"], "--batch-size 1"),
-        (["--temperature", "0"], "temperature must be > 0"),
-        (["--data", str(tmp_path / "nowhere")], "train/ and val/"),
-        (["--data", str(shapes / "train")], "train/ and val/"),
-    ]
-    for flags, message in cases:
+    for flags, message in BAD_FLAGS:
+        if flags[0] == "--data":
+            flags = ["--data", str(shapes / flags[1])]
         with pytest.raises(SystemExit) as stop:
             polyview.main(tiny_run(shapes, tmp_path / "out", "--epochs", "1", *flags)[2:])
         error = capsys.readouterr().err
         assert stop.value.code == 2 and message in error and len(error.strip().splitlines()) == 1, (flags, error)
+    assert not (tmp_path / "out").exists()  # nothing was started
     # A real process, split over two ranks: each rank checks before it joins the process group.
     done = subprocess.run(tiny_run(shapes, tmp_path / "out", "--batch-size", "5"), capture_output=True, text=True,
                           timeout=120, env={**os.environ, "RANK": "0", "WORLD_SIZE": "2"})
@@ -579,21 +746,80 @@ def test_bad_input_gets_one_line_and_exit_code_two(shapes, tmp_path, capsys):
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-def test_resuming_another_run_is_refused_naming_both(shapes, tmp_path, capsys):
-    polyview.save_checkpoint({"args": {"arch": "resnet50", "loss": "geometric", "views": 3, "batch_size": 6,
-                                       "dataset": "folder", "image_size": 32}}, tmp_path / "checkpoint.pt")
-    for flags, message in [(["--loss", "geometric", "--views", "3"], "--arch resnet50, this run asks for --arch resnet18"),
-                           (["--arch", "resnet50", "--loss", "suffstats", "--views", "3"],
-                            "--loss geometric, this run asks for --loss suffstats")]:
+def test_a_folder_of_broken_images_stops_at_once_and_a_mostly_broken_one_after_reading_it(tmp_path, capsys):
+    all_broken = draw_shapes(tmp_path / "all", per_class=1)
+    break_images(all_broken, count=3)
+    with pytest.raises(SystemExit) as stop:
+        polyview.main(tiny_run(all_broken, tmp_path / "out_all", "--epochs", "1")[2:])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and len(error.strip().splitlines()) == 1, error
+    assert "none of the 3 images could be decoded" in error and "train" in error
+
+    mostly_fine = draw_shapes(tmp_path / "some", per_class=4)  # 3 of 12 broken: 25%, over the 1% allowed
+    break_images(mostly_fine, count=3)
+    done = subprocess.run(tiny_run(mostly_fine, tmp_path / "out_some", "--views", "2", "--epochs", "2"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "could not be decoded, more than 1%" in done.stderr.strip().splitlines()[-1]
+
+
+def test_resuming_with_other_settings_is_refused_naming_the_flag(shapes, tmp_path, capsys):
+    flags = ["--loss", "geometric", "--views", "3", "--epochs", "2"]
+    saved = vars(polyview.parse_args(tiny_run(shapes, tmp_path, *flags)[2:]))
+    polyview.save_checkpoint({"args": saved}, tmp_path / "checkpoint.pt")
+    for changed, message in [(["--epochs", "3"], "--epochs 2, this run asks for --epochs 3"),
+                             (["--arch", "resnet50"], "--arch resnet18, this run asks for --arch resnet50"),
+                             (["--loss", "suffstats"], "--loss geometric, this run asks for --loss suffstats"),
+                             (["--lr", "0.5"], "--lr 1.0, this run asks for --lr 0.5"),
+                             (["--lr-scaling", "sqrt"], "--lr-scaling linear, this run asks for --lr-scaling sqrt"),
+                             (["--warmup-epochs", "1"], "--warmup-epochs"), (["--temperature", "0.2"], "--temperature"),
+                             (["--weight-decay", "0"], "--weight-decay"), (["--seed", "1"], "--seed 0, this run")]:
         with pytest.raises(SystemExit) as stop:
-            polyview.main(tiny_run(shapes, tmp_path, "--resume", *flags)[2:])
+            polyview.main(tiny_run(shapes, tmp_path, "--resume", *flags, *changed)[2:])
         error = capsys.readouterr().err
-        assert stop.value.code == 2 and message in error, error
+        assert stop.value.code == 2 and message in error and len(error.strip().splitlines()) == 1, error
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe: defaults, learning-rate rules and the projector
+# ----------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_papers_and_simclrs():
+    imagenet = polyview.parse_args(["--loss", "suffstats"])
+    assert imagenet.views == 8 and polyview.parse_args(["--loss", "simclr"]).views == 2
+    assert (imagenet.batch_size, imagenet.lr_scaling, imagenet.lr, imagenet.temperature, imagenet.weight_decay) == (
+        256, "sqrt", 0.075, 0.1, 1e-6)
+    assert polyview.peak_learning_rate(imagenet) == pytest.approx(1.2)  # 0.075 sqrt(256)
+    cifar = polyview.parse_args(["--dataset", "cifar10"])  # SimCLR's published CIFAR-10 command
+    assert (cifar.image_size, cifar.batch_size, cifar.lr_scaling, cifar.lr, cifar.temperature, cifar.weight_decay) == (
+        32, 512, "linear", 1.0, 0.5, 1e-4)
+    assert polyview.peak_learning_rate(cifar) == pytest.approx(2.0)
+    linear = polyview.parse_args(["--lr-scaling", "linear", "--batch-size", "4096"])
+    square_root = polyview.parse_args(["--batch-size", "4096"])
+    assert polyview.peak_learning_rate(linear) == pytest.approx(polyview.peak_learning_rate(square_root)) == pytest.approx(4.8)
+
+
+@pytest.mark.parametrize("arch, width", [("resnet18", 512), ("resnet50", 2048)])
+def test_projector_and_backbone_are_built_as_simclrs(arch, width):
+    model = polyview.PolyViewNet(arch, small_images=True)
+    first, bn1, _, second, bn2 = model.projector
+    assert (first.in_features, first.out_features, second.in_features, second.out_features) == (width, width, width, 128)
+    assert first.bias is None and second.bias is None  # a BN follows each linear layer
+    assert bn1.num_features == width and bn2.num_features == 128
+    assert not bn2.bias.requires_grad and torch.equal(bn2.bias, torch.zeros(128))  # no beta in the last BN
+    last_bns = [block.bn2 if arch == "resnet18" else block.bn3 for layer in
+                (model.backbone.layer1, model.backbone.layer2, model.backbone.layer3, model.backbone.layer4) for block in layer]
+    assert all(torch.equal(bn.weight, torch.zeros_like(bn.weight)) for bn in last_bns)  # zero-init residuals
+    assert model(torch.rand(2, 3, 3, 32, 32)).shape == (2, 3, 128)
 
 
 # ----------------------------------------------------------------------------------------------
 # The Gaussian demo (a short run: 50 steps, one seed, M in {2, 4})
 # ----------------------------------------------------------------------------------------------
+
+
+from gaussian_demo import OBJECTIVES  # noqa: E402  (the demo's curves: every objective with a bound)
 
 
 def run_demo(*flags):
@@ -616,9 +842,9 @@ def demo(tmp_path_factory):
 def test_demo_csv_has_one_row_per_objective_and_views(demo):
     _, header, rows, _ = demo
     assert header == "objective,M,seed,K,true_mi,bound,loss"
-    assert len(rows) == len(POLY_VIEW) * 2
+    assert len(rows) == len(OBJECTIVES) * 2
     assert sorted((r["objective"], int(r["M"]), int(r["seed"])) for r in rows) == sorted(
-        (o, M, 0) for o in POLY_VIEW for M in (2, 4))
+        (o, M, 0) for o in OBJECTIVES for M in (2, 4))
 
 
 def test_demo_true_mi_is_the_closed_form_and_grows_with_views(demo):
@@ -647,7 +873,7 @@ def test_demo_writes_a_png_and_prints_the_summary(demo):
     png = out / "gaussian_mi.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000
-    for objective in POLY_VIEW:
+    for objective in OBJECTIVES:
         assert f"{objective} M=4: bound" in proc.stdout
 
 
@@ -659,8 +885,8 @@ def test_demo_rejects_a_bad_flag_with_exit_2_and_no_traceback(tmp_path):
     assert not (tmp_path / "gaussian_mi.csv").exists()
 
 
-@pytest.mark.parametrize("flags", [["--views", "2", "1"], ["--batch-size", "1"], ["--steps", "0"],
-                                   ["--seeds", "0"], ["--noise", "0"], ["--signal", "-1"]])
+@pytest.mark.parametrize("flags", [["--views", "2", "1"], ["--batch-size", "1"], ["--steps", "0"], ["--seeds", "0"],
+                                   ["--noise", "0"], ["--noise", "nan"], ["--signal", "-1"], ["--signal", "inf"]])
 def test_demo_validates_every_flag(flags, tmp_path, capsys):
     # In-process, to spare a torch import per case; the subprocess test above covers the exit path.
     import gaussian_demo
@@ -691,6 +917,9 @@ def batch():
     return torch.randn(K_TOTAL, VIEWS, INPUT, dtype=torch.float64)  # [K, M, input]: M "views" of K samples
 
 
+LABELS = torch.tensor([0, 1, 0, 2, 1, 1, 0, 2])  # [K_TOTAL]: supervised supcon's classes
+
+
 def two_rank_worker(rank, world_size, folder):
     import torch.distributed as dist
 
@@ -698,14 +927,16 @@ def two_rank_worker(rank, world_size, folder):
     k = K_TOTAL // world_size
     mine = slice(rank * k, (rank + 1) * k)
     results = {}
-    for name in POLY_VIEW:
+    for name in [*MULTI_VIEW, "supervised"]:
+        objective, labels = (LOSSES["supcon"], LABELS[mine]) if name == "supervised" else (LOSSES[name], None)
+        extra = {} if labels is None else {"labels": polyview.GatherWithGrad.apply(labels)}
         # The gather alone: this rank's share of the loss sends its embeddings the gradient of
         # the sum of every rank's loss.
         z = batch()[mine, :, :4].clone().requires_grad_()
-        LOSSES[name](polyview.GatherWithGrad.apply(z), 0.5, anchors=mine).backward()
-        # The training step: DDP-wrapped model, this rank's samples, the gathered loss.
+        objective(polyview.GatherWithGrad.apply(z), 0.5, anchors=mine, **extra).backward()
+        # The training step: DDP-wrapped model, this rank's samples (and labels), the gathered loss.
         model = torch.nn.parallel.DistributedDataParallel(small_model())
-        polyview.contrastive_loss(model, batch()[mine], LOSSES[name], 0.5).backward()
+        polyview.contrastive_loss(model, batch()[mine], objective, 0.5, labels).backward()
         results[name] = {"gather": z.grad, "params": [p.grad for p in model.parameters()]}
     torch.save(results, f"{folder}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -714,20 +945,22 @@ def two_rank_worker(rank, world_size, folder):
 def test_two_processes_give_the_gradients_of_one(tmp_path):
     torch.multiprocessing.spawn(two_rank_worker, args=(2, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for name in POLY_VIEW:
+    for name in [*MULTI_VIEW, "supervised"]:
+        objective = LOSSES["supcon"] if name == "supervised" else LOSSES[name]
+        extra = {"labels": LABELS} if name == "supervised" else {}
         z = batch()[:, :, :4].clone().requires_grad_()
-        full = LOSSES[name](z, 0.5)
-        (grad_z,) = torch.autograd.grad(2 * full, z)  # the sum of the two ranks' means
+        (grad_z,) = torch.autograd.grad(2 * objective(z, 0.5, **extra), z)  # the sum of the two ranks' means
         model = small_model()
-        full_params = torch.autograd.grad(LOSSES[name](model(batch()), 0.5), list(model.parameters()))
+        full_params = torch.autograd.grad(objective(model(batch()), 0.5, **extra), list(model.parameters()))
         for rank, result in enumerate(ranks):
             torch.testing.assert_close(result[name]["gather"], grad_z[rank * 4:(rank + 1) * 4], rtol=1e-10, atol=1e-12)
             for mine, single in zip(result[name]["params"], full_params, strict=True):
                 torch.testing.assert_close(mine, single, rtol=1e-10, atol=1e-12, msg=f"{name} rank {rank}")
 
 
-def test_torchrun_with_two_cpu_processes_trains_and_probes(shapes, tmp_path):
-    command = tiny_run(shapes, tmp_path, "--loss", "suffstats", "--views", "2", "--epochs", "1")
+@pytest.mark.parametrize("loss", ["suffstats", "supcon --supervised"])
+def test_torchrun_with_two_cpu_processes_trains_and_probes(loss, shapes, tmp_path):
+    command = tiny_run(shapes, tmp_path, "--loss", *loss.split(), "--views", "2", "--epochs", "1")
     command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
