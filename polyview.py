@@ -950,12 +950,13 @@ def measure(functions, repeats, device):
     """Seconds of the fastest of `repeats` calls of each function, after a warm-up call each. The
     functions take turns, so that a slow spell of the machine falls on all of them alike."""
     times = [float("inf")] * len(functions)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for attempt in range(repeats + 1):
         for n, fn in enumerate(functions):
-            torch.cuda.synchronize() if device.type == "cuda" else None
+            sync()
             start = time.perf_counter()
             fn()
-            torch.cuda.synchronize() if device.type == "cuda" else None
+            sync()
             times[n] = min(times[n], time.perf_counter() - start) if attempt else times[n]
     return times
 
@@ -976,7 +977,7 @@ def bench_loss(device, repeats=20):
             fn(z, 0.1).backward()
             return (torch.cuda.max_memory_allocated() - base) / 2**20
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
             fn(z, 0.1)
         return sum(saved) / 2**20
 
@@ -1008,11 +1009,13 @@ def benchmark(args):
     if len(loader) < steps + 2:
         raise UserError(f"the benchmark needs {steps + 2} batches, --dataset {args.dataset} has {len(loader)}")
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-    for n in range(steps + 2):  # two warm-up steps (and compilation), then the timed ones
-        start = time.perf_counter() if n == 2 else start
+    for _ in range(2):  # warm-up (and compilation)
+        train_step(model, optimizer, next(batches)[0], None, args, device)
+    start = time.perf_counter()
+    for _ in range(steps):
         tick = time.perf_counter()
         views = next(batches)[0]
-        waiting += time.perf_counter() - tick if n >= 2 else 0.0
+        waiting += time.perf_counter() - tick
         loss = train_step(model, optimizer, views, None, args, device)
     loss.item()  # wait for the device
     full, views = time.perf_counter() - start, views.to(device)
@@ -1028,15 +1031,14 @@ def benchmark(args):
         lambda: train_step(model, optimizer, views, None, args, device), backbone_step,
         lambda: device_augment(views, args.small_images), lambda: LOSSES[args.loss](z, args.temperature).backward(),
     ], steps, device)
+    memory = f"\n  peak memory {torch.cuda.max_memory_allocated() / 2**30:28.1f} GiB" if device.type == "cuda" else ""
     print(f"{args.arch} at {args.image_size}px, K={args.batch_size} x M={args.views} = {views_per_step} views/step, "
-          f"{args.loss}, {device.type}{' + compile' if args.compile else ''}, {args.workers} workers")
-    print(f"  training step, data included   {views_per_step * steps / full:9.1f} views/s  (waiting for data {waiting / full:.0%})")
-    print(f"  training step, batch on device {views_per_step / step:9.1f} views/s")
-    print(f"  backbone alone (fwd + bwd)     {views_per_step / alone:9.1f} views/s")
-    print(f"  step / backbone alone          {alone / step:9.2f}  (data included: {alone * steps / full:.2f})")
-    print(f"  objective share of the step    {objective / step:9.1%}   device augmentation share {augment / step:.1%}")
-    if device.type == "cuda":
-        print(f"  peak memory                    {torch.cuda.max_memory_allocated() / 2**30:9.1f} GiB")
+          f"{args.loss}, {device.type}{' + compile' if args.compile else ''}, {args.workers} workers\n"
+          f"  training step, data included   {views_per_step * steps / full:9.1f} views/s  (waiting for data {waiting / full:.0%})\n"
+          f"  training step, batch on device {views_per_step / step:9.1f} views/s\n"
+          f"  backbone alone (fwd + bwd)     {views_per_step / alone:9.1f} views/s\n"
+          f"  step / backbone alone          {alone / step:9.2f}  (data included: {alone * steps / full:.2f})\n"
+          f"  objective share of the step    {objective / step:9.1%}   device augmentation share {augment / step:.1%}{memory}")
 
     with tempfile.TemporaryDirectory() as folder:  # 32 ImageNet-sized JPEGs: colour fields and noise
         (Path(folder) / "images").mkdir()
