@@ -14,7 +14,9 @@ log C by its loss, falls behind unless its loss drops fast; only SuffStats' gap 
 
     python gaussian_demo.py --dim 4 --noise 0.05 --batch-size 64 --steps 600
 
-SimCLR is the M = 2 point of every curve: there all four objectives are its NT-Xent.
+Five objectives are compared: Multi-Crop, Geometric and Arithmetic PVC, SuffStats and SupCon.
+SimCLR is the M = 2 point of every curve: there all five objectives are its NT-Xent. DCL gets no
+curve: its positive is not in its own denominator, so the InfoNCE argument gives it no MI bound.
 """
 import argparse
 import math
@@ -38,7 +40,7 @@ STEPS = 1000        # enough for the losses to flatten at this K (the mean of th
 LR = 1e-3           # Adam's default: stable for every objective and M on this tiny MLP
 TEMPERATURE = 0.1   # SimCLR's usual value
 VIEWS = (2, 4, 8, 10)
-OBJECTIVES = ("multicrop", "geometric", "arithmetic", "suffstats")
+OBJECTIVES = ("multicrop", "geometric", "arithmetic", "suffstats", "supcon")
 
 
 def true_mi(dim, signal, noise, views):
@@ -58,6 +60,11 @@ def mi_bound(objective, loss, batch_size, views):
     Multi-Crop's pair terms see only views a and b of the K samples: C = 2K - 1 whatever M is, so
     its estimate can never exceed log(2K - 1). The poly-view objectives contrast each positive with
     all views of the other samples: C = M(K - 1) + 1, a ceiling that rises with M.
+
+    SupCon uses the same C: its extra denominator terms are the anchor's other M - 2 positives,
+    which are not draws from the marginal, so they are not candidates. Removing them from each
+    denominator gives Geometric PVC's loss, smaller term by term, so
+    log(M(K-1)+1) - L_supcon <= log(M(K-1)+1) - L_geometric <= I: valid, but looser.
     """
     if objective in ("simclr", "multicrop"):
         candidates = 2 * batch_size - 1
@@ -102,7 +109,7 @@ def plot(results, curves, args, path):
     """Four panels against M: MI and ceilings, gap, relative MI, and the loss curves at max M."""
     views, K = args.views, args.batch_size
     truth = np.array([true_mi(args.dim, args.signal, args.noise, M) for M in views])
-    colors = dict(zip(OBJECTIVES, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
+    colors = dict(zip(OBJECTIVES, ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")))
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     axes = axes.ravel()
     axes[0].plot(views, truth, "k-", lw=2.5, label="true MI")
@@ -125,7 +132,7 @@ def plot(results, curves, args, path):
         ax.set(title=title, xlabel="views M", ylabel=ylabel, xticks=views)
         ax.grid(alpha=0.3)
     axes[3].set(xlabel="step", xticks=np.linspace(0, args.steps, 5).astype(int))
-    fig.legend(*axes[1].get_legend_handles_labels(), loc="upper center", ncol=4, frameon=False)
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="upper center", ncol=5, frameon=False)
     fig.suptitle(f"d={args.dim}, s={args.signal}, n={args.noise}, K={K}, {args.steps} steps, "
                  f"{args.seeds} seed(s): mean and one std", y=0.02, va="bottom", fontsize=9)
     fig.tight_layout(rect=(0, 0.03, 1, 0.96))
@@ -152,8 +159,9 @@ def main(argv=None):
     for name, low in (("batch_size", 2), ("steps", 1), ("seeds", 1), ("dim", 1)):
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    if args.noise <= 0 or args.signal <= 0:
-        parser.error(f"--noise and --signal must be > 0, got {args.noise} and {args.signal}")
+    for name in ("signal", "noise"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            parser.error(f"--{name} must be finite and > 0, got {getattr(args, name)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} asked for, but CUDA is not available")
     args.views = sorted(set(args.views))
