@@ -884,8 +884,8 @@ def train(args):
         loading = time.perf_counter()
         for views, labels, passed_over in loader:                      # [K / world, M, C, H, W]
             data_seconds += time.perf_counter() - loading
-            skipped += int(passed_over.sum())
-            tried += len(views) + int(passed_over.sum())
+            passed_over = int(passed_over.sum())
+            skipped, tried = skipped + passed_over, tried + len(views) + passed_over
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
