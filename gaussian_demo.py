@@ -4,11 +4,12 @@ Every view of a sample is the same Gaussian signal plus its own noise, so the tr
 mutual information I(x_a; X_{-a}) has a closed form and we can watch how close each objective's
 lower bound log C - L gets to it as the multiplicity M grows:
 
-    python gaussian_demo.py --out figures          # regime A: ~5 min on 2 cores, 3 seeds
+    python gaussian_demo.py --out figures          # regime A: ~3 min on 2 cores, 3 seeds
 
 writes figures/gaussian_mi.csv (one row per objective, M, seed) and figures/gaussian_mi.png.
-In this regime (A) every poly-view gap is smaller at M = 10 than at M = 2, while Multi-Crop's
-grows: its estimate can never exceed log(2K - 1). In regime B the truth climbs as fast as the
+In this regime (A) the PVC and SuffStats gaps are smaller at M = 10 than at M = 2, while
+Multi-Crop's grows (its estimate can never exceed log(2K - 1)) and SupCon's grows most, its loss
+holding the other positives in every denominator. In regime B the truth climbs as fast as the
 poly-view ceiling log(M(K-1) + 1) itself (it touches it at M = 4), so a bound, which stays under
 log C by its loss, falls behind unless its loss drops fast; only SuffStats' gap shrinks there:
 
