@@ -768,9 +768,10 @@ def read_metrics(path):
 
 
 def check_window(window, skipped, tried, enough, world_size):
-    """The losses of the steps since the last log line, averaged over ranks, after two checks that
-    every rank makes on the same all-reduced numbers (so all stop together): a loss that is not
-    finite, and more than 1% of the images read so far (once `enough` were read) failing to decode."""
+    """(losses of the steps since the last log line averaged over ranks, index of the first that is
+    not finite or None). Every rank sees the same all-reduced numbers, so all stop together: here
+    when more than 1% of the images read so far (once `enough` were read) failed to decode, and in
+    the caller, which names the step and the checkpoint, on a loss that is not finite."""
     values = torch.cat([torch.stack(window).double(), torch.tensor([skipped, tried], dtype=torch.float64, device=window[0].device)])
     if world_size > 1:
         dist.all_reduce(values)
