@@ -7,17 +7,14 @@ PVC, Sufficient Statistics) come from maximising the One-vs-Rest mutual informat
 and the other M - 1 views of its image. The paper's headline: 128 epochs at batch 256 with M = 8
 views beat SimCLR at 1024 epochs and batch 4096 on ImageNet-1k.
 
-    python polyview.py --data /path/to/imagenet --loss suffstats                     # one GPU
-    torchrun --nproc_per_node=8 polyview.py --data /path/to/imagenet --loss suffstats  # eight GPUs
-    python polyview.py --dataset cifar10 --arch resnet18     # SimCLR's CIFAR-10 settings
-    python polyview.py --dataset fake --benchmark            # views/s of the step, backbone, data
-    python polyview.py --bench-loss                          # the cost of each objective
+    torchrun --nproc_per_node=8 polyview.py --data /path/to/imagenet --loss suffstats  # the paper's run
+    python polyview.py --data /path/to/imagenet --loss suffstats --batch-size 128      # one 80 GB GPU
+    python polyview.py --dataset cifar10 --arch resnet18                               # CIFAR-10
+    python polyview.py --dataset fake --benchmark          # views/s, shares of the step, memory per view
 
 The file reads top to bottom: the objectives (the paper's contribution), views, model, distributed
-helpers, optimiser and schedule, probe, training, benchmarks, main. Each objective is a function of
-torch alone that calls one shared helper, `similarities` (which calls `without_diagonal`): to lift
-an objective out, copy it and those two. The naive loops they are tested against live in
-test_polyview.py.
+helpers, optimiser and schedule, probes, training, benchmark, main. To lift an objective out, copy it,
+`similarities` and `without_diagonal` (torch alone); its naive loop is in test_polyview.py.
 """
 import argparse
 import json
@@ -87,7 +84,7 @@ def similarities(z, temperature, anchors=None):
         log_negatives  [A, M]         log N[i,a] = log sum_{j != i, g} exp s(ia, jg)
 
     all in float32 (or float64) whatever autocast is active: bf16 logits put a 2-9% error into
-    the gradient at tau = 0.1.
+    the gradient at tau = 0.1. (On CUDA, TF32 would cost ~1e-4: this file never switches it on.)
     """
     if z.dim() != 3:
         raise ValueError(f"z must have shape [K, M, D] (rank 3), got rank {z.dim()}")
@@ -218,15 +215,17 @@ def dcl_loss(z, temperature, anchors=None):
     return (log_negatives[..., None] - positives).mean()
 
 
-LOSSES = {
-    "simclr": simclr_loss,
-    "multicrop": multicrop_loss,
-    "geometric": geometric_loss,
-    "arithmetic": arithmetic_loss,
-    "suffstats": suffstats_loss,
-    "supcon": supcon_loss,
-    "dcl": dcl_loss,
-}
+LOSSES = {"simclr": simclr_loss, "multicrop": multicrop_loss, "geometric": geometric_loss,
+          "arithmetic": arithmetic_loss, "suffstats": suffstats_loss, "supcon": supcon_loss, "dcl": dcl_loss}
+
+
+@torch.no_grad()
+def contrastive_top1(z, temperature, anchors=None):
+    """Percent of the (anchor, positive) pairs (ia, ib), b != a, whose positive beats every negative:
+    s(ia, ib) > max_{j != i, g} s(ia, jg). The same poly-view negatives for every objective, so that
+    runs of different objectives compare. A contrastive loss can flatten while this still climbs."""
+    _, sim, positives, _ = similarities(z, temperature, anchors)
+    return (positives > sim.amax(dim=(2, 3))[..., None]).float().mean() * 100
 
 
 # ==============================================================================================
@@ -253,10 +252,8 @@ def centre_crop(size, small_images):
 
 class MultiView(torch.utils.data.Dataset):
     """Item i: (views [M, C, H, W] uint8, label, skipped): M independent crops of one decoded image.
-
-    A file that fails to decode, whatever the exception (PIL raises OSError, SyntaxError,
-    ValueError, DecompressionBombError...), is skipped with a warning naming it and the next image
-    stands in; `skipped` counts the files passed over, so that training can stop on broken data."""
+    A file that fails to decode, whatever the exception (OSError, SyntaxError, DecompressionBombError...),
+    is skipped with a warning naming it, the next image standing in; `skipped` counts the files passed over."""
 
     def __init__(self, dataset, transform, num_views):
         self.dataset, self.transform, self.num_views = dataset, transform, num_views
@@ -277,11 +274,10 @@ class MultiView(torch.utils.data.Dataset):
         raise UserError(f"none of the {len(self.dataset)} images could be decoded")
 
 
-# The colour half of SimCLR's views runs on the device, on the whole batch of views at once, with
-# its own random parameters for every view: on the CPU it cost about ten times the decode (see
-# --benchmark). Images are float [N, 3, H, W] in [0, 1]; a per-view parameter is a tensor [N].
-# Random draws stay on the device and torch.where replaces branches: nothing waits for the GPU.
-# Each op equals torchvision.transforms.v2.functional's on float images (tested).
+# The colour half of SimCLR's views runs on the device, on the whole batch of views at once, with its
+# own random parameters for every view (on the CPU it would cost several times the decode). Images are
+# float [N, 3, H, W] in [0, 1], a per-view parameter a tensor [N]. Random draws stay on the device and
+# torch.where replaces branches: nothing waits for the GPU. Each op equals torchvision's (tested).
 
 
 def luma(images):
@@ -382,11 +378,13 @@ def device_augment(views, small_images):
 
 
 def make_datasets(args):
-    """(pre-training set of M-view items, probe train set, probe val set of centre crops)."""
+    """(pre-training set of M-view items, probe train set, probe val set of centre crops, classes)."""
     decode = v2.ToImage()  # once per image: PIL -> uint8 [3, H, W], which crops twice as fast as PIL
     if args.dataset in ("imagenet", "folder"):
-        train = torchvision.datasets.ImageFolder(Path(args.data) / "train", decode)
-        val = torchvision.datasets.ImageFolder(Path(args.data) / "val", decode)
+        try:
+            train, val = (torchvision.datasets.ImageFolder(Path(args.data) / s, decode) for s in ("train", "val"))
+        except FileNotFoundError as error:  # a class folder without a single image file
+            raise UserError(f"--data {args.data}: {error}")
         for split in (train, val):  # a folder where nothing decodes stops here, in one line
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -412,7 +410,8 @@ def make_datasets(args):
             dist.barrier()
     views = random_crop_and_flip(args.image_size)
     crop = centre_crop(args.image_size, args.small_images)
-    return MultiView(train, views, args.views), MultiView(train, crop, 1), MultiView(val, crop, 1)
+    classes = train.num_classes if args.dataset == "fake" else len(train.classes)
+    return MultiView(train, views, args.views), MultiView(train, crop, 1), MultiView(val, crop, 1), classes
 
 
 # ==============================================================================================
@@ -422,11 +421,14 @@ def make_datasets(args):
 
 class PolyViewNet(nn.Module):
     """Images in [0, 1], normalised by ImageNet's mean and std, into a torchvision ResNet without its
-    classifier (the F features the probe sees), then SimCLR's projector, as its official code builds
+    classifier (the F features the probes see), then SimCLR's projector, as its official code builds
     it: Linear(F, F) - BN - ReLU - Linear(F, 128) - BN, no bias where a BN follows and no beta in the
-    last BN (the embeddings z the objectives see). The last BN of every residual block starts at 0."""
+    last BN (the embeddings z the objectives see). The last BN of every residual block starts at 0.
+    Beside them, the online probe: a linear classifier on the features of every training view behind a
+    stop-gradient, so the rest of the model gets exactly the gradient it would get without it. Its
+    accuracy shows the features improving where the loss alone cannot (as in SimCLR's and BYOL's code)."""
 
-    def __init__(self, arch="resnet50", small_images=False, dim=128):
+    def __init__(self, arch="resnet50", small_images=False, classes=1000, dim=128):
         super().__init__()
         self.backbone = getattr(torchvision.models, arch)(zero_init_residual=True)
         if small_images:  # 32x32 inputs: keep the resolution, as in SimCLR's CIFAR models
@@ -434,20 +436,22 @@ class PolyViewNet(nn.Module):
             self.backbone.maxpool = nn.Identity()
         width = self.backbone.fc.in_features                     # F: 2048 for ResNet-50, 512 for ResNet-18
         self.backbone.fc = nn.Identity()
-        self.projector = nn.Sequential(nn.Linear(width, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
-                                       nn.Linear(width, dim, bias=False), nn.BatchNorm1d(dim))
+        self.projector = nn.Sequential(nn.Linear(width, width, bias=False), nn.BatchNorm1d(width),
+                                       nn.ReLU(inplace=True), nn.Linear(width, dim, bias=False), nn.BatchNorm1d(dim))
         self.projector[-1].bias.requires_grad_(False)          # SimCLR's center=False: beta stays 0
+        # Standardised first, as in MAE's probe: a young backbone's features share one big mean direction.
+        self.online_probe = nn.Sequential(nn.BatchNorm1d(width, affine=False), nn.Linear(width, classes))
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
 
-    def features(self, images):
-        """[N, 3, H, W] in [0, 1] -> [N, F]: what the linear probe sees."""
+    def features(self, images):  # [N, 3, H, W] in [0, 1] -> [N, F]: what the probes see
         return self.backbone((images - self.mean) / self.std)
 
     def forward(self, views):
+        """views [k, M, 3, H, W] -> (z [k, M, D], the online probe's logits [k*M, classes])."""
         k, M = views.shape[:2]
         features = self.features(views.flatten(0, 1))                  # [k*M, F]
-        return self.projector(features).view(k, M, -1)                # [k, M, D]
+        return self.projector(features).view(k, M, -1), self.online_probe(features.detach())
 
 
 def mixed_precision(device):
@@ -461,13 +465,10 @@ def mixed_precision(device):
 
 
 class GatherWithGrad(torch.autograd.Function):
-    """All ranks' tensors, [k, ...] -> [k * world, ...], in rank order, with gradients.
-
-    Every rank's loss uses every rank's embeddings as negatives, so the gradient of the embeddings
-    this rank produced is the sum of the gradients all ranks' losses send them: backward sums over
-    ranks (all-reduce) and keeps this rank's slice. With DDP's gradient averaging on top, this is
-    exactly the gradient of the single-process, full-batch loss.
-    """
+    """All ranks' tensors, [k, ...] -> [k * world, ...], in rank order, with gradients. Every rank's loss
+    uses every rank's embeddings as negatives, so the gradient of the embeddings this rank produced is the
+    sum of the gradients all ranks' losses send them: backward all-reduces and keeps this rank's slice.
+    With DDP's gradient averaging on top, this is exactly the single-process, full-batch gradient."""
 
     @staticmethod
     def forward(ctx, z):
@@ -482,26 +483,34 @@ class GatherWithGrad(torch.autograd.Function):
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
-def contrastive_loss(model, views, objective, temperature, labels=None):
-    """The loss of this rank's anchors, views [k, M, C, H, W], against the views of all ranks.
-    `labels` [k] (supcon's supervised form) are gathered alongside the embeddings."""
-    z = model(views)                                                  # [k, M, D]
-    rank, k = 0, len(views)
+def step_loss(model, views, labels, objective, temperature, supervised=False):
+    """This rank's share of one step, on views [k, M, C, H, W] of images with labels [k]: (the loss to
+    minimise, [the objective's loss, contrastive top-1, online probe's top-1] for the log). The
+    objective takes this rank's anchors against the embeddings of all ranks (and supervised supcon the
+    labels of all ranks); the online probe's cross-entropy, on detached features, trains the probe."""
+    z, logits = model(views)                                          # [k, M, D], [k*M, classes]
+    # BN keeps bf16 under autocast: gather, and sum the gradients over ranks, in float32 (or float64).
+    z, logits = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (z, logits))
+    (k, M), rank, extra = views.shape[:2], 0, {}
     if dist.is_initialized():
         rank = dist.get_rank()
         z = GatherWithGrad.apply(z)                                   # [K, M, D], K = k * world
-        labels = None if labels is None else GatherWithGrad.apply(labels)
-    extra = {} if labels is None else {"labels": labels}
-    return objective(z, temperature, anchors=slice(rank * k, (rank + 1) * k), **extra)
+    if supervised:
+        extra["labels"] = GatherWithGrad.apply(labels) if dist.is_initialized() else labels
+    anchors = slice(rank * k, (rank + 1) * k)
+    loss = objective(z, temperature, anchors=anchors, **extra)
+    view_labels = labels.repeat_interleave(M)                         # [k*M]: view (i, a) has i's label
+    probe_loss = F.cross_entropy(logits, view_labels)
+    probe_top1 = (logits.detach().argmax(dim=1) == view_labels).float().mean() * 100
+    return loss + probe_loss, torch.stack([loss.detach(), contrastive_top1(z, temperature, anchors), probe_top1])
 
 
-VIEWS, ORDER, WEIGHTS = range(3)  # the random streams of a run
+VIEWS, ORDER, WEIGHTS, PROBE = range(4)  # the random streams of a run
 
 
 def stream_seed(stream, seed, rank=0, epoch=0):
-    """The seed of one random stream, mixed from the tuple (stream, seed, rank, epoch) by numpy's
-    SeedSequence: no two tuples share a stream, where a sum such as seed + rank + epoch would let
-    --seed 1 replay --seed 0 one epoch (or one rank) later."""
+    """The seed of a random stream, mixed from (stream, seed, rank, epoch) by numpy's SeedSequence: no two
+    tuples share a stream (a sum seed + rank + epoch would let --seed 1 replay --seed 0 one epoch later)."""
     return int(np.random.SeedSequence([stream, seed, rank, epoch]).generate_state(1, np.uint64)[0])
 
 
@@ -516,28 +525,27 @@ class LARS(torch.optim.Optimizer):
         g = grad + weight_decay * w,     g <- trust_coefficient * ||w|| / ||g|| * g,
         v <- momentum * v + g,           w <- w - lr * v.
 
-    As in SimCLR, biases and BatchNorm parameters (the 1-D ones) get neither decay nor adaptation.
+    As in SimCLR, biases and BatchNorm parameters (the 1-D ones), and the groups with adapt=False, get
+    neither decay nor adaptation: plain SGD with momentum.
     """
 
     def __init__(self, params, lr, weight_decay=1e-6, momentum=0.9, trust_coefficient=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient, adapt=True))
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
+            for w in (w for w in group["params"] if w.grad is not None):
                 g = w.grad
-                if w.ndim > 1:
+                if w.ndim > 1 and group["adapt"]:  # decay, then the trust ratio (no host sync: torch.where)
                     g = g.add(w, alpha=group["weight_decay"])
                     w_norm, g_norm = w.norm(), g.norm()
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["trust_coefficient"] * w_norm / g_norm, 1.0)
-                    g = g.mul(trust)
+                    trust = group["trust_coefficient"] * w_norm / g_norm
+                    g = g.mul(torch.where((w_norm > 0) & (g_norm > 0), trust, 1.0))
                 if "velocity" not in self.state[w]:
                     self.state[w]["velocity"] = torch.zeros_like(w)
-                velocity = self.state[w]["velocity"].mul_(group["momentum"]).add_(g)
-                w.add_(velocity, alpha=-group["lr"])
+                w.add_(self.state[w]["velocity"].mul_(group["momentum"]).add_(g), alpha=-group["lr"])
 
 
 def learning_rate(step, total_steps, warmup_steps, peak):
@@ -558,7 +566,7 @@ def peak_learning_rate(args):
 
 
 # ==============================================================================================
-# Probe: frozen backbone, features of centre crops, a linear classifier and a k-NN on top
+# Probes. The online probe (in PolyViewNet) watches a run; the fast probe measures its end.
 # ==============================================================================================
 
 FAST_PROBE = ("fast linear probe: AdamW on standardised frozen features of centre crops, not SimCLR's "
@@ -566,38 +574,49 @@ FAST_PROBE = ("fast linear probe: AdamW on standardised frozen features of centr
 
 
 @torch.no_grad()
-def extract_features(model, loader, device):
-    """(features [N, F] float32, labels [N]) of a loader of single centre crops, in eval mode,
-    written into one bank allocated once (a list of batches and a cat would hold two copies)."""
+def extract_features(model, dataset, device, workers, gather=True):
+    """(features [N, F] float32, labels [N]) of a dataset of single centre crops, in eval mode. Under DDP
+    rank r extracts the items r R to (r + 1) R - 1, R = ceil(N / W), padded to R rows with the label -1.
+    With gather, rank 0 receives all rows into one buffer, the bank in the dataset's order, and the other
+    ranks get None; without, every rank keeps its own rows."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rows = math.ceil(len(dataset) / world)
+    mine = torch.utils.data.Subset(dataset, range(rank * rows, min((rank + 1) * rows, len(dataset))))
+    loader = torch.utils.data.DataLoader(mine, 256, num_workers=workers, pin_memory=device.type == "cuda")
+    features = torch.zeros(rows, model.projector[0].in_features, device=device)
+    labels = torch.full((rows,), -1, dtype=torch.long, device=device)
     model.eval()
-    start, features, labels = 0, None, None
+    start = 0
     for views, label, _ in loader:                                     # views [B, 1, C, H, W] uint8
         images = views.flatten(0, 1).to(device, non_blocking=True).float() / 255
         with mixed_precision(device):
-            batch = model.features(images).float()                    # [B, F]
-        if features is None:
-            features = torch.empty(len(loader.dataset), batch.shape[1], device=device)
-            labels = torch.empty(len(loader.dataset), dtype=torch.long, device=device)
-        features[start:start + len(batch)], labels[start:start + len(batch)] = batch, label.to(device)
-        start += len(batch)
-    return features, labels
+            features[start:start + len(images)] = model.features(images).float()
+        labels[start:start + len(images)] = label.to(device)
+        start += len(images)
+    if world == 1 or not gather:
+        return features, labels
+    banks = [x.new_empty(world, *x.shape) if rank == 0 else None for x in (features, labels)]  # [W, R, ...]
+    for x, bank in zip((features, labels), banks):
+        dist.gather(x, list(bank.unbind()) if rank == 0 else None, dst=0)   # into views of one buffer
+    return tuple(bank.flatten(0, 1)[:len(dataset)] if rank == 0 else None for bank in banks)
 
 
-def linear_probe(model, train_loader, val_loader, epochs, device):
-    """A fast probe of the frozen backbone, in percent: top-1 and top-5 (None under 5 classes) of a
+@torch.no_grad()
+def online_val_top1(model, dataset, device, workers):
+    """The online probe's val top-1 in percent (centre crops, eval mode, every rank its shard), on every rank."""
+    features, labels = extract_features(model, dataset, device, workers, gather=False)
+    counts = torch.stack([(model.online_probe(features).argmax(dim=1) == labels).sum(), (labels >= 0).sum()])
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return (100 * counts[0] / counts[1]).item()
+
+
+def linear_probe(train_x, train_y, val_x, val_y, epochs, device):
+    """A fast probe of frozen features [N, F], in percent: top-1 and top-5 (None under 5 classes) of a
     linear classifier trained with AdamW on standardised features of centre crops, and k-NN top-1
     (k = 20, cosine similarity, votes weighted by exp(similarity / 0.07) as in Wu et al., 2018).
     Not SimCLR's linear evaluation: compare its numbers across runs of this file, not with the paper.
-
-    Memory: the train features stay on the device, N x F float32 (ImageNet with ResNet-50: 1.28M x
-    2048, 10.5 GB). The k-NN reads them as they are and they are standardised in place, so the peak
-    is that bank plus the val features and one [256, N] block of similarities (about 1.3x for ImageNet).
-    """
-    before = [t.clone() for t in model.backbone.state_dict().values()]
-    train_x, train_y = extract_features(model, train_loader, device)
-    val_x, val_y = extract_features(model, val_loader, device)
-    if not all(torch.equal(a, b) for a, b in zip(before, model.backbone.state_dict().values())):
-        raise RuntimeError("the backbone changed during feature extraction: the probe would not be frozen")
+    The bank stays on the device (ImageNet, ResNet-50: 10.5 GB) and is standardised in place."""
     classes = int(max(train_y.max(), val_y.max())) + 1
 
     # k-NN: each val image votes with its 20 most similar train images (cosine: divide by the norms).
@@ -638,65 +657,55 @@ class UserError(Exception):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Poly-view contrastive pre-training of a ResNet, then a fast linear probe. Each step "
-        "draws M augmented views of each of K images; every view is matched to the other views of its "
-        "image against all views of the other images (the negatives). Defaults follow the paper and "
-        "SimCLR (Chen et al., 2020); 'small images' (--image-size 64 or less, as CIFAR) follow SimCLR's "
-        "published CIFAR-10 command.")
+    p = argparse.ArgumentParser(description="Poly-view contrastive pre-training of a ResNet, then a fast linear "
+                                "probe. Defaults follow the paper and SimCLR (Chen et al., 2020).")
     add = p.add_argument
-    add("--loss", default="suffstats", choices=list(LOSSES),
-        help="objective: simclr (M = 2), multicrop (SimCLR over view pairs), geometric or arithmetic PVC "
-        "(-log of the geometric / arithmetic mean of the M-1 positives' probabilities), suffstats (one "
-        "positive: the mean of the other views), supcon (SupCon's L_out), dcl (InfoNCE without the "
-        "positive in its denominator) (default: %(default)s)")
-    add("--supervised", action="store_true", help="supcon with the dataset's labels: every view of every "
-        "image of the anchor's class is a positive (Khosla et al.'s supervised form)")
-    add("--views", type=int, help="M, views per image (default: 8, the paper's multiplicity in its "
-        "Figures 3a and 5; 2 for simclr)")
-    add("--batch-size", type=int, help="K, unique images per step over all processes (default: 256, the "
-        "paper's headline run; 512 on small images, SimCLR's CIFAR-10 setting)")
-    add("--epochs", type=int, default=128, help="pre-training epochs (0: probe a random backbone) (default: %(default)s)")
-    add("--arch", default="resnet50", choices=["resnet50", "resnet18"], help="torchvision backbone (default: %(default)s)")
+    add("--loss", default="suffstats", choices=list(LOSSES), help="simclr (M = 2), multicrop (SimCLR over view "
+        "pairs), geometric / arithmetic PVC (-log of the geometric / arithmetic mean of the positives' probabilities), "
+        "suffstats (one positive: the mean of the other views), supcon, dcl (default: suffstats)")
+    add("--supervised", action="store_true", help="supcon with the dataset's labels: every view of every image "
+        "of the anchor's class is a positive (Khosla et al.'s supervised form)")
+    add("--views", type=int, help="M, views per image (default: 8, the paper's Figures 3a and 5; 2 for simclr)")
+    add("--batch-size", type=int, help="K, images per step over all processes: K x M views share the GPUs "
+        "(default: 256, the paper's headline run; 512 on small images, SimCLR's CIFAR-10 setting)")
+    add("--epochs", type=int, default=128, help="pre-training epochs (0: probe a random backbone) (default: 128)")
+    add("--arch", default="resnet50", choices=["resnet50", "resnet18"], help="backbone (default: resnet50)")
     add("--dataset", default="imagenet", choices=["imagenet", "folder", "cifar10", "cifar100", "fake"],
-        help="imagenet/folder: ImageFolders DATA/train and DATA/val; cifar*: torchvision's (downloaded "
-        "into DATA); fake: random images, for throughput (default: %(default)s)")
-    add("--data", default="./data", help="dataset folder (default: %(default)s)")
+        help="imagenet/folder: ImageFolders DATA/train and DATA/val; cifar*: torchvision's (downloaded into "
+        "DATA); fake: random images, for throughput (default: imagenet)")
+    add("--data", default="./data", help="dataset folder (default: ./data)")
     add("--image-size", type=int, help="side of the crops (default 224, 32 for CIFAR); at 64 or less the "
         "small-image recipe: 3x3 stride-1 stem, no max-pool, jitter strength 0.5, no blur")
-    add("--out", default="runs/polyview", help="run folder: checkpoint.pt, metrics.jsonl, loss.png, probe.json (default: %(default)s)")
-    add("--lr-scaling", choices=["sqrt", "linear"], help="peak learning rate from K, counted in images as "
-        "SimCLR counts its batch: sqrt, lr * sqrt(K), which SimCLR's appendix B.1 finds better at small "
-        "batches such as the paper's K = 256; linear, lr * K / 256 (default: sqrt; linear on small "
-        "images, as SimCLR's CIFAR-10 command)")
-    add("--lr", type=float, help="base learning rate (default: SimCLR's: 0.075 for sqrt, giving 1.2 at "
-        "K = 256; 0.3 for linear; 1.0 for linear on small images, giving 2.0 at K = 512)")
+    add("--out", default="runs/polyview", help="run folder: checkpoint.pt, metrics.jsonl, training.png, probe.json")
+    add("--lr-scaling", default="sqrt", choices=["sqrt", "linear"], help="peak learning rate from K in images: "
+        "sqrt, lr * sqrt(K), which SimCLR's appendix B.1 finds better at small batches; linear, lr * K / 256")
+    add("--lr", type=float, help="base learning rate (default: sqrt 0.075, SimCLR's, 1.2 at K = 256; linear 0.3; "
+        "small images: sqrt 2 / sqrt(512) = 0.088, SimCLR's CIFAR-10 peak 2.0 at K = 512 but 0.5, not linear's "
+        "0.125, at K = 32 (SimCLR's appendix B.1; the README's CPU runs were too short to tell); linear 1.0)")
     add("--temperature", type=float, help="tau (default: 0.1; 0.5 on small images, SimCLR's CIFAR-10 setting)")
-    add("--weight-decay", type=float, help="LARS weight decay, not on BN and biases (default: 1e-6; 1e-4 "
-        "on small images, SimCLR's CIFAR-10 setting)")
-    add("--warmup-epochs", type=float, default=10, help="linear warm-up, at most a tenth of the run (default: %(default)s)")
-    add("--workers", type=int, default=8, help="data-loading processes per GPU (default: %(default)s)")
-    add("--seed", type=int, default=0, help="seed of the weights, the data order and every view (default: %(default)s)")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: %(default)s)")
-    add("--compile", action="store_true", help="torch.compile the backbone")
-    add("--probe-epochs", type=int, default=90, help="epochs of the fast linear probe (0 skips it) (default: %(default)s)")
-    add("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists (else start "
-        "fresh), so that the same command can be relaunched after a crash")
-    add("--log-every", type=int, default=50, help="steps between log lines (default: %(default)s)")
-    add("--benchmark", action="store_true", help="print views/s of the step, the backbone and the data path")
-    add("--bench-loss", action="store_true", help="print the cost of each objective against cross-entropy")
+    add("--weight-decay", type=float, help="LARS weight decay, not on BN and biases (default: 1e-6; 1e-4 on small "
+        "images, SimCLR's CIFAR-10 setting)")
+    add("--warmup-epochs", type=float, default=10, help="linear warm-up, at most a tenth of the run (default: 10)")
+    add("--workers", type=int, default=8, help="data-loading processes per GPU (default: 8)")
+    add("--seed", type=int, default=0, help="seed of the weights, the data order and every view (default: 0)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    add("--compile", action="store_true", help="torch.compile the backbone; under torchrun its SyncBatchNorm layers "
+        "run eagerly between compiled pieces (graph breaks), so expect less gain than on one GPU")
+    add("--probe-epochs", type=int, default=90, help="epochs of the fast linear probe (0 skips it) (default: 90)")
+    add("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists (else start fresh)")
+    add("--log-every", type=int, default=50, help="steps between log lines (default: 50)")
+    add("--benchmark", action="store_true", help="print views/s and the shares of a step, and memory per view")
     args = p.parse_args(argv)
     if args.image_size is None:
         args.image_size = 32 if args.dataset.startswith("cifar") else 224
     small = args.small_images = args.image_size <= 64
+    sqrt_rule = args.lr_scaling == "sqrt"
     defaults = dict(views=2 if args.loss == "simclr" else 8, batch_size=512 if small else 256,
-                    lr_scaling="linear" if small else "sqrt", temperature=0.5 if small else 0.1,
-                    weight_decay=1e-4 if small else 1e-6)
+                    temperature=0.5 if small else 0.1, weight_decay=1e-4 if small else 1e-6,
+                    lr=(2 / math.sqrt(512) if small else 0.075) if sqrt_rule else (1.0 if small else 0.3))
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.lr is None:
-        args.lr = 0.075 if args.lr_scaling == "sqrt" else 1.0 if small else 0.3
     return args
 
 
@@ -707,7 +716,8 @@ def check_args(args, world_size):
     for name, bound in least.items():
         value, strict = getattr(args, name), name in ("lr", "temperature")
         if not (math.isfinite(value) and (value > bound if strict else value >= bound)):
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} {bound}, got {value}")
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} {bound}, "
+                            f"got {value}")
     try:  # the objective itself knows its rules (simclr needs M = 2)
         LOSSES[args.loss](torch.randn(2, args.views, 4), args.temperature)
     except ValueError as error:
@@ -718,8 +728,12 @@ def check_args(args, world_size):
         raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} processes")
     if args.dataset in ("imagenet", "folder"):
         for split in ("train", "val"):
-            if not (Path(args.data) / split).is_dir():
+            folder = Path(args.data) / split
+            if not folder.is_dir():
                 raise UserError(f"--data {args.data} must hold the ImageFolders train/ and val/ ({split}/ is missing)")
+            if not any(path.is_dir() for path in folder.iterdir()):
+                raise UserError(f"{folder} holds no class folders: ImageFolder needs one sub-folder per class "
+                                "(ImageNet's val/ comes flat: sort it into 1,000 class folders, as valprep.sh does)")
 
 
 def write_atomically(path, write):
@@ -740,13 +754,17 @@ def save_checkpoint(state, path):
     write_atomically(path, lambda f: torch.save(state, f))
 
 
-# Settings a resumed run must share with its checkpoint: they shape the model, the data, the
-# objective or the learning-rate schedule.
+# What a resumed run must share with its checkpoint: the settings of the model, data, objective and schedule.
 MUST_MATCH_ON_RESUME = ("arch", "loss", "supervised", "views", "batch_size", "dataset", "image_size", "epochs",
                         "lr_scaling", "lr", "warmup_epochs", "temperature", "weight_decay", "seed")
 
 
 def load_checkpoint(path, args):
+    """The checkpoint at path to resume from, or None where there is none."""
+    if not path.exists():
+        return None
+    if not args.resume:
+        raise UserError(f"{path} exists: add --resume to continue it, or choose another --out")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
     for key in MUST_MATCH_ON_RESUME:
         if checkpoint["args"].get(key) != getattr(args, key):
@@ -756,38 +774,90 @@ def load_checkpoint(path, args):
     return checkpoint
 
 
-def read_metrics(path):
-    """The records of metrics.jsonl, less a last line cut short by a crash."""
-    records = []
-    for line in path.read_text().splitlines():
+def agreed_checkpoint(path, args):
+    """load_checkpoint as rank 0 sees it, on every rank: where machines share no filesystem, a rank that
+    looked itself would start afresh while rank 0 resumes. So all ranks resume, or all stop."""
+    found = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return records
+            found = [load_checkpoint(path, args)]
+        except UserError as error:
+            found = [error]
+    if dist.is_initialized():
+        dist.broadcast_object_list(found, src=0)  # pickled: a ResNet-50 checkpoint is ~0.3 GB, once
+    if isinstance(found[0], UserError):
+        raise found[0]
+    return found[0]
 
 
-def check_window(window, skipped, tried, enough, world_size):
-    """(losses of the steps since the last log line averaged over ranks, index of the first that is
-    not finite or None). Every rank sees the same all-reduced numbers, so all stop together: here
-    when more than 1% of the images read so far (once `enough` were read) failed to decode, and in
-    the caller, which names the step and the checkpoint, on a loss that is not finite."""
-    values = torch.cat([torch.stack(window).double(), torch.tensor([skipped, tried], dtype=torch.float64, device=window[0].device)])
-    if world_size > 1:
-        dist.all_reduce(values)
-        values[:-2] /= world_size
-    losses, (skipped, tried) = values[:-2], values[-2:].tolist()
-    if skipped > 0.01 * tried and tried >= enough:
-        raise UserError(f"{skipped:.0f} of the {tried:.0f} images read ({skipped / tried:.0%}) could not be decoded, "
-                        "more than 1%: check --data (the warnings name the files)")
-    bad = (~torch.isfinite(losses)).nonzero()
-    return losses, (int(bad[0, 0]) if len(bad) else None)
+def read_metrics(path):
+    """The records of metrics.jsonl, less a last line cut short by a crash (it cannot end in '}')."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def build_model(args, device, distributed, lr, checkpoint=None):
-    """(the model to call, the plain module the checkpoints and the probe use, its LARS)."""
+class Log:
+    """The numbers of a run: every --log-every steps, the means over those steps and over ranks of the
+    loss, the contrastive top-1 and the online probe's top-1, printed and written to metrics.jsonl by
+    rank 0. Every rank sees the same means, so all stop together: on a loss that is not finite, or,
+    once `enough` images were read, if more than 1% of them failed to decode."""
+
+    def __init__(self, path, args, world_size, total_steps, enough, resumed_at):
+        self.path, self.args, self.world_size, self.total_steps = path, args, world_size, total_steps
+        self.enough, self.master = enough, int(os.environ.get("RANK", 0)) == 0
+        self.skipped = self.tried = 0     # undecodable files passed over, and all files read, by this rank
+        self.window, self.tick, self.waited = [], time.perf_counter(), 0.0
+        if not self.master:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resumed_at is not None and path.exists():  # drop what a crashed run logged after its checkpoint
+            kept = "".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= resumed_at)
+            write_atomically(path, lambda f: f.write(kept.encode()))
+        elif path.exists():  # an earlier run into this folder that never reached a checkpoint
+            os.replace(path, path.with_name("metrics.old.jsonl"))
+            print(f"moved the metrics.jsonl of a run that left no checkpoint to {path.parent}/metrics.old.jsonl")
+
+    def write(self, record):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def step(self, stats, passed_over, images):  # stats [3] stay on the device until the next line
+        self.window.append(stats)
+        self.skipped, self.tried = self.skipped + passed_over, self.tried + images + passed_over
+
+    def line(self, step, epoch, lr, kept):
+        seconds, stats = time.perf_counter() - self.tick, torch.stack(self.window).double()  # [n, 3]
+        counts = torch.tensor([self.skipped, self.tried], dtype=torch.float64, device=stats.device)
+        if self.world_size > 1:
+            dist.all_reduce(stats)
+            dist.all_reduce(counts)
+            stats /= self.world_size
+        skipped, tried = counts.tolist()
+        if skipped > 0.01 * tried and tried >= self.enough:
+            raise UserError(f"{skipped:.0f} of the {tried:.0f} images read ({skipped / tried:.0%}) could not be "
+                            "decoded, more than 1%: check --data (the warnings name the files)")
+        bad = (~torch.isfinite(stats[:, 0])).nonzero()
+        if len(bad):  # the weights are already poisoned: stop, keep the checkpoint as it is
+            first = int(bad[0, 0])
+            raise UserError(f"loss is {stats[first, 0].item()} at step {step - len(stats) + first + 1} "
+                            f"(epoch {epoch}); stopping: {kept}")
+        loss, contrastive, probe = stats.mean(dim=0).tolist()
+        views_per_s = len(stats) * self.args.batch_size * self.args.views / seconds
+        eta = (self.total_steps - step) * seconds / len(stats)
+        self.write({"step": step, "epoch": epoch, "loss": loss, "contrastive_top1": contrastive,
+                    "online_probe_top1": probe, "lr": lr, "views_per_s": views_per_s,
+                    "data_wait": self.waited / seconds, "eta_s": eta})
+        if self.master:
+            print(f"epoch {epoch} step {step}/{self.total_steps} loss {loss:.4f} contrastive top-1 {contrastive:.1f}% "
+                  f"online probe {probe:.1f}% lr {lr:.3g} {views_per_s:.0f} views/s "
+                  f"data {self.waited / seconds:.0%} eta {eta / 60:.1f} min", flush=True)
+        self.window, self.tick, self.waited = [], time.perf_counter(), 0.0
+
+
+def build_model(args, classes, device, distributed, lr, checkpoint=None):
+    """(the model to call, the plain module the checkpoints and the probes use, its LARS)."""
     torch.manual_seed(stream_seed(WEIGHTS, args.seed))  # the same initial weights on every rank
-    model = PolyViewNet(args.arch, args.small_images)
+    model = PolyViewNet(args.arch, args.small_images, classes)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     if distributed and device.type == "cuda":
@@ -795,155 +865,156 @@ def build_model(args, device, distributed, lr, checkpoint=None):
         # belong together; synchronised BN computes them over the whole global batch instead.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
-    optimizer = LARS(model.parameters(), lr=lr, weight_decay=args.weight_decay)  # state on the device
+    # The online probe shares the optimiser and schedule, without decay or trust ratio, as in SimCLR's
+    # code (a trust ratio of 0.001 would barely move a classifier that starts from scratch).
+    rest = [p for name, p in model.named_parameters() if not name.startswith("online_probe.")]
+    optimizer = LARS([{"params": rest}, {"params": model.online_probe.parameters(), "adapt": False}], lr=lr,
+                     weight_decay=args.weight_decay)  # state on the device
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
     raw_model = model
     if args.compile:
         model.backbone.compile()  # in place: the state_dict keys stay the same
-    if distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if distributed:  # SyncBN keeps the BN statistics equal on every rank: no buffers to broadcast
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)
     return model, raw_model, optimizer
 
 
 def train_step(model, optimizer, views, labels, args, device):
-    """One step on this rank's uint8 crops [k, M, C, H, W] (labels [k] for supervised supcon, else
-    None); returns the loss, still on the device (no host sync: losses are read once per log line)."""
+    """One step on this rank's uint8 crops [k, M, C, H, W] and labels [k]; returns the numbers to log,
+    [loss, contrastive top-1, online probe's top-1], still on the device (no host sync)."""
     views = device_augment(views.to(device, non_blocking=True), args.small_images)
-    labels = None if labels is None else labels.to(device, non_blocking=True)
     with mixed_precision(device):
-        loss = contrastive_loss(model, views, LOSSES[args.loss], args.temperature, labels)
+        loss, stats = step_loss(model, views, labels.to(device, non_blocking=True), LOSSES[args.loss],
+                                args.temperature, args.supervised)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach()
+    return stats
 
 
-def train(args):
-    distributed = "RANK" in os.environ
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    master = rank == 0  # rank 0 alone prints and writes files
-    check_args(args, world_size)
-    out, device = Path(args.out), torch.device(args.device)
+def start_processes(args, distributed):
+    """The device of this process; under torchrun, its GPU (LOCAL_RANK) and the process group."""
+    device = torch.device(args.device)
     if distributed:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    checkpoint_path, metrics = out / "checkpoint.pt", out / "metrics.jsonl"
-    checkpoint = None
-    if checkpoint_path.exists():
-        if not args.resume:
-            raise UserError(f"{checkpoint_path} exists: add --resume to continue it, or choose another --out")
-        checkpoint = load_checkpoint(checkpoint_path, args)
+    # TF32 stays off: autocast runs the model's matmuls in bf16 anyway, and the objectives' are float32.
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # the fastest convolutions for these shapes
+    return device
 
-    pretrain_set, probe_train_set, probe_val_set = make_datasets(args)
-    local_batch = args.batch_size // world_size
+
+def train(args):
+    distributed = "RANK" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    check_args(args, world_size)
+    device, out = start_processes(args, distributed), Path(args.out)
+    checkpoint_path = out / "checkpoint.pt"
+    checkpoint = agreed_checkpoint(checkpoint_path, args)
+
+    pretrain_set, probe_train_set, probe_val_set, classes = make_datasets(args)
     sampler = torch.utils.data.DistributedSampler(pretrain_set, world_size, rank, drop_last=True)
-    loader = torch.utils.data.DataLoader(pretrain_set, local_batch, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", drop_last=True)
+    loader = torch.utils.data.DataLoader(pretrain_set, args.batch_size // world_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise UserError(f"{len(pretrain_set)} images make no full batch of {args.batch_size} (per process: {local_batch})")
+        raise UserError(f"{len(pretrain_set)} images make no full batch of {args.batch_size}")
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(min(args.warmup_epochs, args.epochs / 10) * steps_per_epoch)
     peak_lr = peak_learning_rate(args)
-
-    model, raw_model, optimizer = build_model(args, device, distributed, peak_lr, checkpoint)
-    start_epoch = step = 0
-    if checkpoint is not None:
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        if checkpoint is not None:
+    model, raw_model, optimizer = build_model(args, classes, device, distributed, peak_lr, checkpoint)
+    start_epoch, step = (checkpoint["epoch"], checkpoint["step"]) if checkpoint else (0, 0)
+    log = Log(out / "metrics.jsonl", args, world_size, total_steps, min(1000, len(pretrain_set)),
+              resumed_at=step if checkpoint else None)
+    if log.master:
+        if checkpoint:
             print(f"resuming {checkpoint_path} at epoch {start_epoch}, step {step}")
-            if metrics.exists():  # drop what the crashed run logged after its checkpoint
-                kept = "".join(json.dumps(r) + "\n" for r in read_metrics(metrics) if r["step"] <= step)
-                write_atomically(metrics, lambda f: f.write(kept.encode()))
-        elif metrics.exists():  # an earlier run into this folder that never reached a checkpoint
-            os.replace(metrics, out / "metrics.old.jsonl")
-            print(f"moved the metrics.jsonl of an earlier run, which left no checkpoint, to {out / 'metrics.old.jsonl'}")
-        params = sum(p.numel() for p in raw_model.parameters()) / 1e6
         print(f"{args.loss}{' (supervised)' if args.supervised else ''}: K={args.batch_size} images x M={args.views} "
-              f"views per step on {world_size} x {device.type}, {args.arch} ({params:.1f}M parameters), "
+              f"views per step on {world_size} x {device.type}, {args.arch} "
+              f"({sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters), "
               f"{steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g} ({args.lr_scaling} rule)")
 
-    skipped = tried = 0  # undecodable files passed over, and all files read, by this rank
-    enough = min(1000, len(pretrain_set))
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        # Every stream from (seed, rank, epoch): the views are the same whether or not the run was
-        # resumed, with or without worker processes (they draw their seeds from this RNG). The
-        # sampler's own seed + epoch would repeat across seeds: it gets a mixed seed per epoch
-        # instead, the same on every rank, and its epoch stays 0.
+        # Every stream from (seed, rank, epoch), so a resumed run draws the same views (workers seed
+        # from this RNG); the sampler's seed + epoch would repeat across seeds, so its epoch stays 0.
         sampler.seed = stream_seed(ORDER, args.seed, 0, epoch)
         torch.manual_seed(stream_seed(VIEWS, args.seed, rank, epoch))
-        window, tick, data_seconds = [], time.perf_counter(), 0.0
+        kept = f"{checkpoint_path} (after epoch {epoch - 1}) is kept as it was" if epoch else "no checkpoint yet"
         loading = time.perf_counter()
-        for views, labels, passed_over in loader:                      # [K / world, M, C, H, W]
-            data_seconds += time.perf_counter() - loading
-            passed_over = int(passed_over.sum())
-            skipped, tried = skipped + passed_over, tried + len(views) + passed_over
+        for views, labels, passed_over in loader:                      # [K / world, M, C, H, W], [K / world]
+            log.waited += time.perf_counter() - loading
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            window.append(train_step(model, optimizer, views, labels if args.supervised else None, args, device))
+            log.step(train_step(model, optimizer, views, labels, args, device), int(passed_over.sum()), len(views))
             step += 1
             if step % args.log_every == 0 or step % steps_per_epoch == 0:
-                seconds = time.perf_counter() - tick
-                losses, bad = check_window(window, skipped, tried, enough, world_size)
-                if bad is not None:  # the weights are already poisoned: stop, keep the checkpoint as it is
-                    kept = f"{checkpoint_path} (after epoch {epoch - 1}) is kept as it was" if epoch > 0 else "no checkpoint was written yet"
-                    raise UserError(f"loss is {losses[bad].item()} at step {step - len(window) + bad + 1} (epoch {epoch}); stopping: {kept}")
-                record = {"step": step, "epoch": epoch, "loss": losses.mean().item(), "lr": lr,
-                          "views_per_s": len(window) * args.batch_size * args.views / seconds,
-                          "data_wait": data_seconds / seconds, "eta_s": (total_steps - step) * seconds / len(window)}
-                if master:
-                    print(f"epoch {epoch} step {step}/{total_steps} loss {record['loss']:.4f} lr {lr:.3g} "
-                          f"{record['views_per_s']:.0f} views/s data {record['data_wait']:.0%} "
-                          f"eta {record['eta_s'] / 60:.1f} min", flush=True)
-                    with open(metrics, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                window, tick, data_seconds = [], time.perf_counter(), 0.0
+                log.line(step, epoch, lr, kept)
             loading = time.perf_counter()
-        if master:
+        val_top1 = online_val_top1(raw_model, probe_val_set, device, args.workers)
+        log.write({"step": step, "epoch": epoch, "online_val_top1": val_top1})
+        if log.master:
+            print(f"epoch {epoch}: online probe val top-1 {val_top1:.2f}%", flush=True)
             save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                              "epoch": epoch + 1, "step": step, "args": vars(args)}, checkpoint_path)
-
+    finish(raw_model, probe_train_set, probe_val_set, args, device, out)
     if distributed:
         dist.destroy_process_group()
+
+
+def finish(model, train_set, val_set, args, device, out):
+    """The end of a run: training.png, the fast probe (every rank extracts its shard of the features,
+    rank 0 fits the classifier and the k-NN), probe.json and a one-line summary."""
+    master, result = not dist.is_initialized() or dist.get_rank() == 0, {}
+    if args.probe_epochs > 0:
+        before = [t.clone() for t in model.backbone.state_dict().values()]
+        banks = [extract_features(model, split, device, args.workers) for split in (train_set, val_set)]
+        if not all(torch.equal(a, b) for a, b in zip(before, model.backbone.state_dict().values())):
+            raise RuntimeError("the backbone changed during feature extraction: the probe would not be frozen")
+        if master:
+            torch.manual_seed(stream_seed(PROBE, args.seed))
+            result = linear_probe(*banks[0], *banks[1], args.probe_epochs, device)
     if not master:
         return
-    if metrics.exists():
-        plot_loss(out)
-    if args.probe_epochs > 0:  # rank 0 alone, after the other ranks have left
-        probe_loaders = [torch.utils.data.DataLoader(s, 256, num_workers=args.workers) for s in (probe_train_set, probe_val_set)]
-        result = linear_probe(raw_model, *probe_loaders, args.probe_epochs, device)
+    records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    online = [r["online_val_top1"] for r in records if "online_val_top1" in r] or [None]
+    result.update(online_val_top1_first_epoch=online[0], online_val_top1_last_epoch=online[-1])
+    # --epochs 0 trains no online probe: the fast probe's numbers are then the random-backbone baseline.
+    summary = (f"online probe val top-1 after the first epoch {online[0]:.2f}%, after the last {online[-1]:.2f}%"
+               if online[0] is not None else "no online probe (no epoch trained)")
+    if args.probe_epochs > 0:
         top5 = "n/a (under 5 classes)" if result["top5"] is None else f"{result['top5']:.2f}%"
-        print(f"fast linear probe (not SimCLR's linear evaluation): top-1 {result['top1']:.2f}%  top-5 {top5}  "
-              f"k-NN top-1 {result['knn_top1']:.2f}%")
-        write_atomically(out / "probe.json", lambda f: f.write((json.dumps(result) + "\n").encode()))
+        summary += (f"; fast linear probe (not SimCLR's linear evaluation): top-1 {result['top1']:.2f}%  "
+                    f"top-5 {top5}  k-NN top-1 {result['knn_top1']:.2f}%")
+    print(summary)
+    write_atomically(out / "probe.json", lambda f: f.write((json.dumps(result) + "\n").encode()))
+    if records:
+        plot_training(records, out / "training.png")
 
 
-def plot_loss(out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_training(records, path):
+    """Against the step: loss, contrastive top-1, online probe top-1 (training views; val at epoch ends), lr."""
+    from matplotlib.figure import Figure  # no pyplot: no display, no global state
 
-    records = read_metrics(out / "metrics.jsonl")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
-    ax.set(xlabel="step", ylabel="loss", title="pre-training loss")
+    steps, epochs = [r for r in records if "loss" in r], [r for r in records if "online_val_top1" in r]
+    fig = Figure(figsize=(10, 6))
+    axes = fig.subplots(2, 2, sharex=True)
+    for ax, key, title in zip(axes.flat, ("loss", "contrastive_top1", "online_probe_top1", "lr"),
+                              ("objective's loss", "contrastive top-1 (%)", "online probe top-1 (%)", "learning rate")):
+        ax.plot([r["step"] for r in steps], [r[key] for r in steps], label="training views")
+        ax.set(title=title, xlabel="step" if key in ("online_probe_top1", "lr") else None)
+    axes[1, 0].plot([r["step"] for r in epochs], [r["online_val_top1"] for r in epochs], "o-", label="val, epoch end")
+    axes[1, 0].legend()
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=100)
 
 
 # ==============================================================================================
-# Benchmarks: tooling, not the lesson
+# Benchmark: tooling, not the lesson
 # ==============================================================================================
 
 
@@ -962,109 +1033,40 @@ def measure(functions, repeats, device):
     return times
 
 
-def bench_loss(device, repeats=20):
-    """Forward + backward of each objective against a plain cross-entropy over one [KM, KM]
-    similarity matrix (the floor any of them can reach). Memory: peak allocated on CUDA; on the
-    CPU, the bytes the objective saves for its backward pass."""
-    def cross_entropy(z, temperature):
-        x = F.normalize(z.flatten(0, 1), dim=-1)
-        logits = ((x / temperature) @ x.T).fill_diagonal_(float("-inf"))
-        return F.cross_entropy(logits, torch.arange(len(x), device=x.device) ^ 1)  # any fixed positive per row
-
-    def mebibytes(fn, z):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn(z, 0.1).backward()
-            return (torch.cuda.max_memory_allocated() - base) / 2**20
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
-            fn(z, 0.1)
-        return sum(saved) / 2**20
-
-    print(f"{'K':>4} {'M':>2} {'objective':>10} {'ms':>8} {'x CE':>6} {'MiB':>8}   (D = 128, {device.type})")
-    for K in (64, 256):
-        for M in (2, 4, 8):
-            z = torch.randn(K, M, 128, device=device, requires_grad=True)
-            for name, fn in {"plain CE": cross_entropy, **LOSSES}.items():
-                if name != "simclr" or M == 2:
-                    seconds, floor = measure([lambda: fn(z, 0.1).backward(), lambda: cross_entropy(z, 0.1).backward()], repeats, device)
-                    print(f"{K:4} {M:2} {name:>10} {seconds * 1e3:8.2f} {seconds / floor:6.2f} {mebibytes(fn, z):8.1f}")
-
-
 def benchmark(args):
-    """Views/s of the whole training step, of the step on a batch already on the device, and of
-    the backbone alone (forward + backward of random tensors, same precision and memory format);
-    the shares of the objective and of the device augmentation in the step; then views/s per
-    data-loading worker on ImageNet-sized JPEGs, decoding once per image against once per view,
-    and the cost per view of each transform, on the CPU and batched on the device."""
-    import tempfile
-
-    device, cpu = torch.device(args.device), torch.device("cpu")
+    """Views/s of the training step and of the backbone alone (forward + backward, same precision and memory
+    format), the shares of the objective, the online probe's head and the device augmentation in the step,
+    and on CUDA the peak memory over the views (weights and optimiser included: a little above a view's
+    cost). The data path's share shows in the `data` column of a training run's log lines."""
+    device = torch.device(args.device)
     check_args(args, 1)
-    steps = 20 if device.type == "cuda" else 3
-    model, _, optimizer = build_model(args, device, False, lr=1e-4)
-    loader = torch.utils.data.DataLoader(make_datasets(args)[0], args.batch_size, shuffle=True,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)
-    views_per_step, batches, waiting = args.batch_size * args.views, iter(loader), 0.0
-    if len(loader) < steps + 2:
-        raise UserError(f"the benchmark needs {steps + 2} batches, --dataset {args.dataset} has {len(loader)}")
-    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-    for _ in range(2):  # warm-up (and compilation)
-        train_step(model, optimizer, next(batches)[0], None, args, device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        tick = time.perf_counter()
-        views = next(batches)[0]
-        waiting += time.perf_counter() - tick
-        loss = train_step(model, optimizer, views, None, args, device)
-    loss.item()  # wait for the device
-    full, views = time.perf_counter() - start, views.to(device)
+    pretrain_set, _, _, classes = make_datasets(args)
+    model, _, optimizer = build_model(args, classes, device, False, lr=1e-4)
+    views, labels, _ = next(iter(torch.utils.data.DataLoader(pretrain_set, args.batch_size, num_workers=args.workers)))
+    views, labels, views_per_step = views.to(device), labels.to(device), args.batch_size * args.views
     z = torch.randn(args.batch_size, args.views, 128, device=device, requires_grad=True)
+    features = torch.randn(views_per_step, model.projector[0].in_features, device=device)
     images = torch.randn(views_per_step, 3, args.image_size, args.image_size, device=device)
     images = images.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 
-    def backbone_step():
-        with mixed_precision(device):
-            model.backbone(images).float().mean().backward()
+    def backward(fn):
+        def run():
+            with mixed_precision(device):
+                fn().float().mean().backward()
+        return run
 
-    step, alone, augment, objective = measure([
-        lambda: train_step(model, optimizer, views, None, args, device), backbone_step,
+    step, backbone, augment, objective, head = measure([  # the first, warm-up call of each compiles
+        lambda: train_step(model, optimizer, views, labels, args, device), backward(lambda: model.backbone(images)),
         lambda: device_augment(views, args.small_images), lambda: LOSSES[args.loss](z, args.temperature).backward(),
-    ], steps, device)
-    memory = f"\n  peak memory {torch.cuda.max_memory_allocated() / 2**30:28.1f} GiB" if device.type == "cuda" else ""
+        backward(lambda: model.online_probe(features))], 20 if device.type == "cuda" else 3, device)
     print(f"{args.arch} at {args.image_size}px, K={args.batch_size} x M={args.views} = {views_per_step} views/step, "
-          f"{args.loss}, {device.type}{' + compile' if args.compile else ''}, {args.workers} workers\n"
-          f"  training step, data included   {views_per_step * steps / full:9.1f} views/s  (waiting for data {waiting / full:.0%})\n"
-          f"  training step, batch on device {views_per_step / step:9.1f} views/s\n"
-          f"  backbone alone (fwd + bwd)     {views_per_step / alone:9.1f} views/s\n"
-          f"  step / backbone alone          {alone / step:9.2f}  (data included: {alone * steps / full:.2f})\n"
-          f"  objective share of the step    {objective / step:9.1%}   device augmentation share {augment / step:.1%}{memory}")
-
-    with tempfile.TemporaryDirectory() as folder:  # 32 ImageNet-sized JPEGs: colour fields and noise
-        (Path(folder) / "images").mkdir()
-        for n in range(32):
-            field = torch.rand(3, 4, 4).repeat_interleave(94, 1).repeat_interleave(125, 2)[:, :375, :500]
-            jpeg = (field * 200 + torch.rand(3, 375, 500) * 55).to(torch.uint8)
-            torchvision.io.write_jpeg(jpeg, f"{folder}/images/{n}.jpg", quality=90)
-        jpegs = torchvision.datasets.ImageFolder(folder, v2.ToImage())
-        crop = random_crop_and_flip(224)
-        print("data path, one worker, 500x375 JPEGs to 224px crops:")
-        for M in (2, 8):
-            once = measure([lambda: [MultiView(jpegs, crop, M)[i] for i in range(len(jpegs))]], 1, cpu)[0]
-            per_view = measure([lambda: [[crop(jpegs[i][0]) for _ in range(M)] for i in range(len(jpegs))]], 1, cpu)[0]
-            print(f"  M={M} decode once per image {len(jpegs) * M / once:7.1f} views/s, once per view {len(jpegs) * M / per_view:7.1f}")
-        decoded = jpegs[0][0]
-        image = v2.functional.to_pil_image(v2.functional.center_crop(decoded, 224))  # torchvision's colour ops run on PIL
-        batch = v2.functional.center_crop(decoded, 224).to(device).float().div(255).expand(64, 3, 224, 224)
-        rows = [("decode", lambda: jpegs[0], None), ("crop + flip", lambda: crop(decoded), None),
-                ("colour jitter", lambda: v2.ColorJitter(0.8, 0.8, 0.8, 0.2)(image), lambda: colour_jitter(batch, 1.0, p=1)),
-                ("grayscale", lambda: v2.Grayscale(3)(image), lambda: random_grayscale(batch, p=1)),
-                ("blur (k = 23)", lambda: v2.GaussianBlur(23, (0.1, 2.0))(image), lambda: random_blur(batch, 23, p=1))]
-        print(f"  ms per view:      torchvision on the CPU   batched on {device.type}")
-        for name, on_cpu, batched in rows:
-            line = f"    {name:<14} {measure([on_cpu], 10, cpu)[0] * 1e3:12.2f}"
-            print(line + (f" {measure([batched], 5, device)[0] * 1e3 / len(batch):20.2f}" if batched else ""))
+          f"{args.loss}, {device.type}{' + compile' if args.compile else ''}\n"
+          f"  training step             {views_per_step / step:9.1f} views/s\n"
+          f"  backbone alone (fwd + bwd) {views_per_step / backbone:8.1f} views/s  (ratio {backbone / step:.2f})\n"
+          f"  shares of the step: objective {objective / step:.2%}, online probe head {head / step:.2%}, "
+          f"device augmentation {augment / step:.1%}")
+    if device.type == "cuda":
+        print(f"  peak memory per view {torch.cuda.max_memory_allocated() / views_per_step / 2**20:12.1f} MiB")
 
 
 # ==============================================================================================
@@ -1077,12 +1079,18 @@ def main(argv=None):
     try:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {args.device}, but no GPU is visible (use --device cpu)")
-        if args.bench_loss:
-            bench_loss(torch.device(args.device))
-        elif args.benchmark:
-            benchmark(args)
-        else:
-            train(args)
+        try:
+            (benchmark if args.benchmark else train)(args)
+        except torch.cuda.OutOfMemoryError:
+            per_gpu = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
+            raise UserError(f"CUDA out of memory with {per_gpu} x {args.views} = {per_gpu * args.views} views per GPU "
+                            f"({args.arch} at {args.image_size} px): run on more GPUs under torchrun, or lower "
+                            "--batch-size (the square-root rule lowers the peak lr with it: half the batch, lr / 1.41)")
+        except RuntimeError as error:
+            if "DataLoader worker" not in str(error):
+                raise
+            raise UserError(f"{str(error).splitlines()[0].rstrip('.')}. In a container, give it shared memory "
+                            "(docker run --ipc=host, or --shm-size=16g), or lower --workers.") from None
     except UserError as error:
         print(f"polyview.py: error: {error}", file=sys.stderr)
         sys.exit(2)

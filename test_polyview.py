@@ -594,6 +594,83 @@ def test_lars_adapts_and_decays_weights_but_not_biases():
 
 
 # ----------------------------------------------------------------------------------------------
+# The training step: float32 objectives under autocast, the online probe's stop-gradient
+# ----------------------------------------------------------------------------------------------
+
+
+def spy_objective(seen, suffstats=polyview.suffstats_loss):
+    def objective(z, temperature, anchors=None):
+        seen.append(z.dtype)
+        return suffstats(z, temperature, anchors)
+    return objective
+
+
+def test_the_objective_gets_float32_embeddings_under_bf16_autocast():
+    """BatchNorm keeps its input's bf16 under autocast: z would be gathered, and its gradient summed
+    over ranks, in bf16, unless step_loss casts it."""
+    model, seen = polyview.PolyViewNet("resnet18", small_images=True, classes=3), []
+    views = torch.rand(4, 3, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(views)[0].dtype == torch.bfloat16
+        loss, stats = polyview.step_loss(model, views, torch.tensor([0, 1, 2, 0]), spy_objective(seen), 0.1)
+    assert seen == [torch.float32] and loss.dtype == stats.dtype == torch.float32
+
+
+def test_the_online_probe_leaves_every_other_gradient_as_it_was():
+    model = polyview.PolyViewNet("resnet18", small_images=True, classes=3)
+    views, labels = torch.rand(4, 3, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    gradients = []
+    for with_probe in (True, False):
+        model.zero_grad(set_to_none=True)
+        if with_probe:  # the objective and the online probe's cross-entropy, as in training
+            polyview.step_loss(model, views, labels, LOSSES["geometric"], 0.1)[0].backward()
+        else:           # the objective alone
+            LOSSES["geometric"](model(views)[0], 0.1).backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    with_probe, without = gradients
+    assert set(with_probe) - set(without) == {"online_probe.1.weight", "online_probe.1.bias"}
+    for name, gradient in without.items():  # backbone and projector: bit for bit
+        assert torch.equal(with_probe[name], gradient), name
+    assert with_probe["online_probe.1.weight"].abs().sum() > 0
+
+
+def test_a_training_step_under_cpu_bf16_autocast_takes_the_cuda_path(shapes, monkeypatch):
+    """mixed_precision is float32 on the CPU; switched to bf16 here, a step runs the code that CUDA's
+    autocast runs: a finite loss, an objective in float32, numbers in [0, 100]."""
+    monkeypatch.setattr(polyview, "mixed_precision", lambda device: torch.autocast("cpu", torch.bfloat16))
+    args = polyview.parse_args(["--arch", "resnet18", "--image-size", "32", "--views", "3", "--device", "cpu"])
+    seen = []
+    monkeypatch.setitem(polyview.LOSSES, args.loss, spy_objective(seen))
+    model, _, optimizer = polyview.build_model(args, 3, torch.device("cpu"), False, lr=0.1)
+    views = torch.randint(0, 256, (4, 3, 3, 32, 32), dtype=torch.uint8)
+    stats = polyview.train_step(model, optimizer, views, torch.tensor([0, 1, 2, 0]), args, torch.device("cpu"))
+    assert seen == [torch.float32] and stats.dtype == torch.float32 and torch.isfinite(stats).all()
+    assert 0 <= stats[1] <= 100 and 0 <= stats[2] <= 100
+
+
+def test_a_training_step_never_waits_for_the_device():
+    """Fake tensors carry shapes but no data: a step that read a number (.item(), bool(tensor),
+    boolean-mask indexing) to log it would raise here instead of running."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = polyview.parse_args(["--arch", "resnet18", "--image-size", "32", "--views", "3", "--device", "cpu"])
+    model, _, optimizer = polyview.build_model(args, 3, torch.device("cpu"), False, lr=0.1)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        views = torch.randint(0, 256, (4, 3, 3, 32, 32), dtype=torch.uint8)
+        stats = polyview.train_step(model, optimizer, views, torch.tensor([0, 1, 2, 0]), args, torch.device("cpu"))
+        assert stats.shape == (3,)
+
+
+@pytest.mark.parametrize("z, expected", [
+    ([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]], 100.0),  # each positive is its anchor itself
+    ([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]], 0.0),    # each anchor's twin beats its positive
+    ([[[1.0, 0.0], [0.6, 0.8]], [[0.0, 1.0], [-1.0, 0.0]]], 50.0),
+])
+def test_contrastive_top1_counts_positives_above_every_negative(z, expected):
+    assert polyview.contrastive_top1(torch.tensor(z), 0.1).item() == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------------------------
 # The training program, end to end on a tiny drawn ImageFolder (ResNet-18, 32x32, CPU)
 # ----------------------------------------------------------------------------------------------
 
@@ -617,18 +694,24 @@ def test_each_objective_pretrains_and_probes_end_to_end(loss, shapes, tmp_path):
     done = subprocess.run(tiny_run(shapes, tmp_path, "--loss", *loss.split(), "--views", views, "--epochs", "1"),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert [r["step"] for r in records(tmp_path)] == [1, 2]
-    assert all(math.isfinite(r["loss"]) and r["views_per_s"] > 0 for r in records(tmp_path))
-    assert (tmp_path / "loss.png").stat().st_size > 0
+    steps, epoch_end = records(tmp_path)[:2], records(tmp_path)[2]
+    assert [r["step"] for r in steps] == [1, 2] and (epoch_end["step"], epoch_end["epoch"]) == (2, 0)
+    assert all(math.isfinite(r["loss"]) and r["views_per_s"] > 0 for r in steps)
+    assert all(0 <= r[key] <= 100 for r in steps for key in ("contrastive_top1", "online_probe_top1"))
+    assert 0 <= epoch_end["online_val_top1"] <= 100
+    assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert checkpoint["epoch"] == 1 and checkpoint["step"] == 2 and checkpoint["args"]["loss"] == loss.split()[0]
     assert checkpoint["args"]["supervised"] == loss.endswith("--supervised")
     probe = json.loads((tmp_path / "probe.json").read_text())
-    assert set(probe) == {"protocol", "top1", "top5", "knn_top1"} and probe["protocol"].startswith("fast linear probe")
+    assert set(probe) == {"protocol", "top1", "top5", "knn_top1", "online_val_top1_first_epoch",
+                          "online_val_top1_last_epoch"} and probe["protocol"].startswith("fast linear probe")
+    assert probe["online_val_top1_first_epoch"] == probe["online_val_top1_last_epoch"] == epoch_end["online_val_top1"]
     assert 0 <= probe["top1"] <= 100 and 0 <= probe["knn_top1"] <= 100
     assert probe["top5"] is None  # 3 classes: a top-5 would be 100% whatever the features
     assert "fast linear probe (not SimCLR's linear evaluation)" in done.stdout
-    print(f"{loss}: {records(tmp_path)[-1]['views_per_s']:.1f} views/s")  # the CPU throughput (pytest -s)
+    assert "contrastive top-1" in done.stdout and "online probe val top-1 after the first epoch" in done.stdout
+    print(f"{loss}: {steps[-1]['views_per_s']:.1f} views/s")  # the CPU throughput (pytest -s)
 
 
 def test_a_killed_run_resumes_where_it_stopped(shapes, tmp_path):
@@ -652,11 +735,15 @@ def test_a_killed_run_resumes_where_it_stopped(shapes, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "resuming" in done.stdout
     for a, b in zip(records(whole), records(killed), strict=True):  # both epochs, the schedule included
-        assert (a["step"], a["epoch"], a["lr"]) == (b["step"], b["epoch"], b["lr"])
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-    final = [torch.load(out / "checkpoint.pt", weights_only=False)["model"] for out in (whole, killed)]
-    for name, tensor in final[0].items():
-        torch.testing.assert_close(final[1][name], tensor, rtol=0, atol=1e-6, msg=name)
+        assert a.keys() == b.keys() and (a["step"], a["epoch"], a.get("lr")) == (b["step"], b["epoch"], b.get("lr"))
+        for key in set(a) & {"loss", "contrastive_top1", "online_probe_top1", "online_val_top1"}:
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    final = [torch.load(out / "checkpoint.pt", weights_only=False) for out in (whole, killed)]
+    assert any(name.startswith("online_probe.") for name in final[0]["model"])
+    for name, tensor in final[0]["model"].items():  # the online probe's head included
+        torch.testing.assert_close(final[1]["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    for a, b in zip(final[0]["optimizer"]["state"].values(), final[1]["optimizer"]["state"].values(), strict=True):
+        torch.testing.assert_close(b["velocity"], a["velocity"], rtol=0, atol=1e-6)
 
 
 def test_a_fresh_run_moves_stale_metrics_aside(shapes, tmp_path):
@@ -665,7 +752,7 @@ def test_a_fresh_run_moves_stale_metrics_aside(shapes, tmp_path):
     done = subprocess.run(tiny_run(shapes, tmp_path, "--loss", "dcl", "--views", "2", "--epochs", "1", "--probe-epochs", "0"),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert [r["step"] for r in records(tmp_path)] == [1, 2]
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 2]  # two steps, then the epoch's end
     assert (tmp_path / "metrics.old.jsonl").read_text() == stale
 
 
@@ -686,7 +773,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
 
 @pytest.mark.parametrize("bad_step, message", [
     (3, "loss is nan at step 3 (epoch 1); stopping: {out}/checkpoint.pt (after epoch 0) is kept as it was"),
-    (1, "loss is nan at step 1 (epoch 0); stopping: no checkpoint was written yet"),
+    (1, "loss is nan at step 1 (epoch 0); stopping: no checkpoint yet"),
 ])
 def test_a_non_finite_loss_stops_the_run_naming_the_step(bad_step, message, shapes, tmp_path, monkeypatch, capsys):
     geometric, calls = LOSSES["geometric"], []
@@ -746,6 +833,46 @@ def test_bad_input_gets_one_line_and_exit_code_two(shapes, tmp_path, capsys):
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+def test_out_of_memory_names_the_views_per_gpu_and_the_ways_out(shapes, tmp_path, monkeypatch, capsys):
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(polyview, "train_step", out_of_memory)
+    with pytest.raises(SystemExit) as stop:
+        polyview.main(tiny_run(shapes, tmp_path, "--views", "3", "--epochs", "1")[2:])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and len(error.strip().splitlines()) == 1, error
+    assert "out of memory with 6 x 3 = 18 views per GPU (resnet18 at 32 px)" in error
+    assert "more GPUs under torchrun" in error and "lower --batch-size" in error and "lr / 1.41" in error
+
+
+def test_a_data_loading_worker_that_dies_is_one_line_about_shared_memory(shapes, tmp_path, monkeypatch, capsys):
+    def bus_error(self, index):  # what a worker meets when /dev/shm is full: SIGBUS
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGBUS)
+
+    monkeypatch.setattr(polyview.MultiView, "__getitem__", bus_error)
+    with pytest.raises(SystemExit) as stop:
+        polyview.main(tiny_run(shapes, tmp_path, "--views", "3", "--epochs", "1", "--workers", "1")[2:])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and len(error.strip().splitlines()) == 1, error
+    assert "DataLoader worker" in error and "--ipc=host" in error and "--shm-size" in error
+
+
+def test_a_flat_val_folder_as_imagenet_ships_it_is_one_line(shapes, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(shapes / "train", tmp_path / "data" / "train")
+    (tmp_path / "data" / "val").mkdir()
+    for n in range(3):  # ILSVRC2012_val_00000001.JPEG, ... with no class folders
+        shutil.copy(next((shapes / "val" / "circle").iterdir()), tmp_path / "data" / "val" / f"val_{n}.png")
+    with pytest.raises(SystemExit) as stop:
+        polyview.main(tiny_run(tmp_path / "data", tmp_path / "out", "--epochs", "1")[2:])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and len(error.strip().splitlines()) == 1, error
+    assert f"{tmp_path / 'data' / 'val'} holds no class folders" in error and "one sub-folder per class" in error
+
+
 def test_a_folder_of_broken_images_stops_at_once_and_a_mostly_broken_one_after_reading_it(tmp_path, capsys):
     all_broken = draw_shapes(tmp_path / "all", per_class=1)
     break_images(all_broken, count=3)
@@ -770,8 +897,8 @@ def test_resuming_with_other_settings_is_refused_naming_the_flag(shapes, tmp_pat
     for changed, message in [(["--epochs", "3"], "--epochs 2, this run asks for --epochs 3"),
                              (["--arch", "resnet50"], "--arch resnet18, this run asks for --arch resnet50"),
                              (["--loss", "suffstats"], "--loss geometric, this run asks for --loss suffstats"),
-                             (["--lr", "0.5"], "--lr 1.0, this run asks for --lr 0.5"),
-                             (["--lr-scaling", "sqrt"], "--lr-scaling linear, this run asks for --lr-scaling sqrt"),
+                             (["--lr", "0.5"], "this run asks for --lr 0.5"),
+                             (["--lr-scaling", "linear"], "--lr-scaling sqrt, this run asks for --lr-scaling linear"),
                              (["--warmup-epochs", "1"], "--warmup-epochs"), (["--temperature", "0.2"], "--temperature"),
                              (["--weight-decay", "0"], "--weight-decay"), (["--seed", "1"], "--seed 0, this run")]:
         with pytest.raises(SystemExit) as stop:
@@ -791,10 +918,14 @@ def test_defaults_are_the_papers_and_simclrs():
     assert (imagenet.batch_size, imagenet.lr_scaling, imagenet.lr, imagenet.temperature, imagenet.weight_decay) == (
         256, "sqrt", 0.075, 0.1, 1e-6)
     assert polyview.peak_learning_rate(imagenet) == pytest.approx(1.2)  # 0.075 sqrt(256)
-    cifar = polyview.parse_args(["--dataset", "cifar10"])  # SimCLR's published CIFAR-10 command
-    assert (cifar.image_size, cifar.batch_size, cifar.lr_scaling, cifar.lr, cifar.temperature, cifar.weight_decay) == (
-        32, 512, "linear", 1.0, 0.5, 1e-4)
-    assert polyview.peak_learning_rate(cifar) == pytest.approx(2.0)
+    cifar = polyview.parse_args(["--dataset", "cifar10"])  # SimCLR's published CIFAR-10 settings ...
+    assert (cifar.image_size, cifar.batch_size, cifar.lr_scaling, cifar.temperature, cifar.weight_decay) == (
+        32, 512, "sqrt", 0.5, 1e-4)
+    assert polyview.peak_learning_rate(cifar) == pytest.approx(2.0)  # ... whose peak the square-root rule keeps
+    small = polyview.parse_args(["--dataset", "cifar10", "--batch-size", "32"])
+    assert polyview.peak_learning_rate(small) == pytest.approx(0.5)  # and raises at small K: linear gives 0.125
+    linear = polyview.parse_args(["--dataset", "cifar10", "--lr-scaling", "linear"])
+    assert linear.lr == 1.0 and polyview.peak_learning_rate(linear) == pytest.approx(2.0)  # SimCLR's own rule
     linear = polyview.parse_args(["--lr-scaling", "linear", "--batch-size", "4096"])
     square_root = polyview.parse_args(["--batch-size", "4096"])
     assert polyview.peak_learning_rate(linear) == pytest.approx(polyview.peak_learning_rate(square_root)) == pytest.approx(4.8)
@@ -811,7 +942,8 @@ def test_projector_and_backbone_are_built_as_simclrs(arch, width):
     last_bns = [block.bn2 if arch == "resnet18" else block.bn3 for layer in
                 (model.backbone.layer1, model.backbone.layer2, model.backbone.layer3, model.backbone.layer4) for block in layer]
     assert all(torch.equal(bn.weight, torch.zeros_like(bn.weight)) for bn in last_bns)  # zero-init residuals
-    assert model(torch.rand(2, 3, 3, 32, 32)).shape == (2, 3, 128)
+    z, logits = model(torch.rand(2, 3, 3, 32, 32))
+    assert z.shape == (2, 3, 128) and logits.shape == (6, 1000)  # the online probe: one row per view
 
 
 # ----------------------------------------------------------------------------------------------
@@ -863,9 +995,9 @@ def test_demo_bound_is_log_candidates_minus_loss(demo):
         K, M, loss = int(r["K"]), int(r["M"]), float(r["loss"])
         candidates = 2 * K - 1 if r["objective"] == "multicrop" else M * (K - 1) + 1
         assert float(r["bound"]) == pytest.approx(math.log(candidates) - loss, abs=1e-5), r
-    # Same seed, same encoder, same batches: at M = 2 every objective is SimCLR, so the runs agree.
-    at_two = [float(r["bound"]) for r in rows if r["M"] == "2"]
-    assert max(at_two) - min(at_two) < 1e-3, at_two
+    # At M = 2 every objective is SimCLR (tested above): the demo trains it once and reports it for each.
+    at_two = {r["bound"] for r in rows if r["M"] == "2"}
+    assert len(at_two) == 1, at_two
 
 
 def test_demo_writes_a_png_and_prints_the_summary(demo):
@@ -897,30 +1029,75 @@ def test_demo_validates_every_flag(flags, tmp_path, capsys):
     assert not (tmp_path / "gaussian_mi.csv").exists()
 
 
+@pytest.fixture
+def one_thread():
+    """Small tensors: a second OpenMP thread would only wait on a busy core (see gaussian_demo.main)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_demo_batched_members_train_as_they_would_alone(one_thread):
+    # The demo trains every (objective, seed) encoder at one M side by side, as one Ensemble. That
+    # must change nothing: each member's loss at every step is the loss of the same encoder trained
+    # alone, with its own seed's init and batches and its own Adam, in a plain one-model loop.
+    from argparse import Namespace
+    import gaussian_demo as demo
+    args = Namespace(dim=2, signal=1.0, noise=0.01, batch_size=8, steps=20, device="cpu")
+    objectives, seeds = ("multicrop", "geometric", "suffstats"), (0, 1)
+    for views in (2, 4):
+        batched = demo.run(objectives, views, seeds, args)              # [objectives, seeds, steps]
+        assert batched.shape == (len(objectives), len(seeds), args.steps)
+        for o, objective in enumerate(objectives):
+            for s, seed in enumerate(seeds):
+                encoder = demo.make_encoder(args.dim, seed)
+                optimizer = demo.make_optimizer(encoder.parameters())
+                generator = torch.Generator().manual_seed(seed)
+                alone = []
+                for _ in range(args.steps):
+                    x = demo.sample_views(args.batch_size, views, args, generator)       # [K, M, d]
+                    loss = LOSSES[objective](encoder(x), demo.TEMPERATURE)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    alone.append(loss.item())
+                assert list(batched[o, s]) == pytest.approx(alone, rel=1e-5, abs=1e-6), (objective, views, seed)
+        # The comparison has teeth: the members do differ, by seed and (beyond M = 2) by objective.
+        assert abs(batched[0, 0, -1] - batched[0, 1, -1]) > 1e-3
+        if views > 2:
+            assert abs(batched[0, 0, -1] - batched[1, 0, -1]) > 1e-3
+
+
 # ----------------------------------------------------------------------------------------------
 # Two processes equal one
 # ----------------------------------------------------------------------------------------------
 
-K_TOTAL, VIEWS, INPUT = 8, 3, 6
+K_TOTAL, VIEWS = 8, 3
+LABELS = torch.tensor([0, 1, 0, 2, 1, 1, 0, 2])  # [K_TOTAL]: the online probe's and supervised supcon's classes
 
 
-def small_model():
-    # No BatchNorm here: without SyncBN (which needs CUDA) each rank would normalise with its own
-    # half-batch statistics, a different function from the full batch. That is exactly why the
-    # training run uses SyncBN on GPUs; this test is about the gathered loss and its gradients.
+def tiny_model():
+    """The training program's own model, small: ResNet-18 with its projector and online probe, float64.
+    In eval mode, BN normalises with its running statistics: on the CPU there is no SyncBN, and each
+    rank's half-batch statistics would make a different function from the full batch's."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(INPUT, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)).double()
+    return polyview.PolyViewNet("resnet18", small_images=True, classes=3).double().eval()
 
 
-def batch():
+def tiny_views():
     torch.manual_seed(1)
-    return torch.randn(K_TOTAL, VIEWS, INPUT, dtype=torch.float64)  # [K, M, input]: M "views" of K samples
+    return torch.rand(K_TOTAL, VIEWS, 3, 8, 8, dtype=torch.float64)  # [K, M, C, H, W]
 
 
-LABELS = torch.tensor([0, 1, 0, 2, 1, 1, 0, 2])  # [K_TOTAL]: supervised supcon's classes
+def probe_images(shapes, count=11):  # an odd count: the shards of two ranks differ in length
+    import torchvision
+
+    folder = torchvision.datasets.ImageFolder(shapes / "train", TV.ToImage())
+    return torch.utils.data.Subset(polyview.MultiView(folder, polyview.centre_crop(32, True), 1), range(count))
 
 
-def two_rank_worker(rank, world_size, folder):
+def two_rank_worker(rank, world_size, folder, shapes):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world_size)
@@ -928,34 +1105,83 @@ def two_rank_worker(rank, world_size, folder):
     mine = slice(rank * k, (rank + 1) * k)
     results = {}
     for name in [*MULTI_VIEW, "supervised"]:
-        objective, labels = (LOSSES["supcon"], LABELS[mine]) if name == "supervised" else (LOSSES[name], None)
-        extra = {} if labels is None else {"labels": polyview.GatherWithGrad.apply(labels)}
+        objective = LOSSES["supcon" if name == "supervised" else name]
+        extra = {"labels": polyview.GatherWithGrad.apply(LABELS[mine])} if name == "supervised" else {}
         # The gather alone: this rank's share of the loss sends its embeddings the gradient of
         # the sum of every rank's loss.
-        z = batch()[mine, :, :4].clone().requires_grad_()
+        z = tiny_views()[mine, :, 0, 0, :4].clone().requires_grad_()
         objective(polyview.GatherWithGrad.apply(z), 0.5, anchors=mine, **extra).backward()
-        # The training step: DDP-wrapped model, this rank's samples (and labels), the gathered loss.
-        model = torch.nn.parallel.DistributedDataParallel(small_model())
-        polyview.contrastive_loss(model, batch()[mine], objective, 0.5, labels).backward()
+        # The training step: the DDP-wrapped model, this rank's images, the gathered loss, the online probe.
+        model = torch.nn.parallel.DistributedDataParallel(tiny_model())
+        loss, stats = polyview.step_loss(model, tiny_views()[mine], LABELS[mine], objective, 0.5, name == "supervised")
+        loss.backward()
         results[name] = {"gather": z.grad, "params": [p.grad for p in model.parameters()]}
+    # The fast probe's features: each rank extracts its shard, rank 0 gathers them in order.
+    torch.manual_seed(2)
+    model = polyview.PolyViewNet("resnet18", small_images=True, classes=3)
+    results["bank"] = polyview.extract_features(model, probe_images(shapes), torch.device("cpu"), workers=0)
+    # Resuming: rank 0 sees a checkpoint, rank 1 (another machine, say) sees an empty folder.
+    args = polyview.parse_args(["--resume", "--epochs", "2"])
+    results["checkpoint"] = polyview.agreed_checkpoint(Path(folder) / ("run" if rank == 0 else "empty") / "c.pt", args)
+    args.resume = False  # without --resume the checkpoint is refused, on every rank alike
+    try:
+        polyview.agreed_checkpoint(Path(folder) / ("run" if rank == 0 else "empty") / "c.pt", args)
+    except polyview.UserError as error:
+        results["refused"] = str(error)
     torch.save(results, f"{folder}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_two_processes_give_the_gradients_of_one(tmp_path):
-    torch.multiprocessing.spawn(two_rank_worker, args=(2, str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+@pytest.fixture(scope="module")
+def two_ranks(shapes, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two_ranks")
+    checkpoint = {"args": vars(polyview.parse_args(["--epochs", "2"])), "epoch": 1, "step": 7,
+                  "model": {"weight": torch.arange(6.0)}}
+    (folder / "run").mkdir()
+    polyview.save_checkpoint(checkpoint, folder / "run" / "c.pt")
+    torch.multiprocessing.spawn(two_rank_worker, args=(2, str(folder), shapes), nprocs=2)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)], checkpoint
+
+
+def test_two_processes_give_the_gradients_of_one(two_ranks):
+    ranks, _ = two_ranks
     for name in [*MULTI_VIEW, "supervised"]:
-        objective = LOSSES["supcon"] if name == "supervised" else LOSSES[name]
+        objective = LOSSES["supcon" if name == "supervised" else name]
         extra = {"labels": LABELS} if name == "supervised" else {}
-        z = batch()[:, :, :4].clone().requires_grad_()
+        z = tiny_views()[:, :, 0, 0, :4].clone().requires_grad_()
         (grad_z,) = torch.autograd.grad(2 * objective(z, 0.5, **extra), z)  # the sum of the two ranks' means
-        model = small_model()
-        full_params = torch.autograd.grad(objective(model(batch()), 0.5, **extra), list(model.parameters()))
+        model = tiny_model()
+        polyview.step_loss(model, tiny_views(), LABELS, objective, 0.5, name == "supervised")[0].backward()
+        full_params = [p.grad for p in model.parameters()]
         for rank, result in enumerate(ranks):
             torch.testing.assert_close(result[name]["gather"], grad_z[rank * 4:(rank + 1) * 4], rtol=1e-10, atol=1e-12)
             for mine, single in zip(result[name]["params"], full_params, strict=True):
-                torch.testing.assert_close(mine, single, rtol=1e-10, atol=1e-12, msg=f"{name} rank {rank}")
+                if single is None:  # the last BN's beta: frozen at 0, as in SimCLR
+                    assert mine is None
+                else:
+                    torch.testing.assert_close(mine, single, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name} rank {rank} {single.shape} {m}")
+        assert any(g is not None and g.abs().sum() > 0 for g in full_params[-2:])  # the online probe learns
+
+
+def test_two_processes_extract_the_features_of_one(two_ranks, shapes):
+    ranks, _ = two_ranks
+    torch.manual_seed(2)
+    model = polyview.PolyViewNet("resnet18", small_images=True, classes=3)
+    features, labels = polyview.extract_features(model, probe_images(shapes), torch.device("cpu"), workers=0)
+    assert features.shape == (11, 512) and labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    gathered, gathered_labels = ranks[0]["bank"]
+    assert torch.equal(gathered_labels, labels)
+    torch.testing.assert_close(gathered, features, rtol=1e-5, atol=1e-6)  # row for row
+    assert ranks[1]["bank"] == (None, None)  # only rank 0 keeps the bank
+
+
+def test_every_rank_resumes_from_rank_0s_checkpoint(two_ranks):
+    ranks, checkpoint = two_ranks
+    for result in ranks:  # rank 1 saw no file, yet resumes from the same epoch, step and weights
+        assert (result["checkpoint"]["epoch"], result["checkpoint"]["step"]) == (1, 7)
+        assert torch.equal(result["checkpoint"]["model"]["weight"], checkpoint["model"]["weight"])
+        assert result["refused"].endswith("c.pt exists: add --resume to continue it, or choose another --out")
+    assert ranks[0]["refused"] == ranks[1]["refused"]
 
 
 @pytest.mark.parametrize("loss", ["suffstats", "supcon --supervised"])
@@ -964,5 +1190,65 @@ def test_torchrun_with_two_cpu_processes_trains_and_probes(loss, shapes, tmp_pat
     command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "on 2 x cpu" in done.stdout and [r["step"] for r in records(tmp_path)] == [1, 2]
+    assert "on 2 x cpu" in done.stdout and [r["step"] for r in records(tmp_path)] == [1, 2, 2]
     assert (tmp_path / "probe.json").exists() and (tmp_path / "checkpoint.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# On a GPU: `python -m pytest -k cuda` checks a machine's CUDA path (skipped where there is none)
+# ----------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_device_augmentations_equal_the_cpus(images):
+    n = len(images)
+    op, factor = torch.arange(n) % 3, torch.linspace(0.2, 1.8, n)
+    shift, sigma = torch.linspace(-0.4, 0.4, n), torch.linspace(0.1, 2.0, n)
+    for fn, params in ((polyview.adjust_colour, (op, factor)), (polyview.adjust_hue, (shift,)),
+                       (polyview.gaussian_blur, (5, sigma)), (polyview.luma, ())):
+        on_gpu = fn(images.cuda(), *(p.cuda() if torch.is_tensor(p) else p for p in params))
+        torch.testing.assert_close(on_gpu.cpu(), fn(images, *params), rtol=0, atol=1e-5, msg=fn.__name__)
+
+
+@cuda
+def test_cuda_training_step_in_bf16_and_channels_last_has_a_float32_objective(monkeypatch):
+    args = polyview.parse_args(["--arch", "resnet18", "--image-size", "32", "--views", "3", "--device", "cuda"])
+    seen, device = [], torch.device("cuda")
+    monkeypatch.setitem(polyview.LOSSES, args.loss, spy_objective(seen))
+    model, _, optimizer = polyview.build_model(args, 3, device, False, lr=0.1)
+    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    views = torch.randint(0, 256, (4, 3, 3, 32, 32), dtype=torch.uint8)
+    stats = polyview.train_step(model, optimizer, views, torch.tensor([0, 1, 2, 0]), args, device)
+    assert seen == [torch.float32] and stats.dtype == torch.float32 and torch.isfinite(stats).all()
+    assert not torch.backends.cuda.matmul.allow_tf32  # the objectives' float32 matmuls stay float32
+
+
+@cuda
+def test_cuda_torchrun_with_nccl_syncbn_trains_and_probes(shapes, tmp_path):
+    gpus = min(2, torch.cuda.device_count())
+    command = tiny_run(shapes, tmp_path, "--views", "3", "--epochs", "1", "--device", "cuda")
+    command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"on {gpus} x cuda" in done.stdout and "fast linear probe" in done.stdout
+    assert all(math.isfinite(r.get("loss", 0.0)) for r in records(tmp_path))
+    assert json.loads((tmp_path / "probe.json").read_text())["online_val_top1_last_epoch"] is not None
+
+
+@cuda
+def test_cuda_one_epoch_with_compile(shapes, tmp_path):
+    done = subprocess.run(tiny_run(shapes, tmp_path, "--views", "3", "--epochs", "1", "--device", "cuda",
+                                   "--compile", "--probe-epochs", "0"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert all(math.isfinite(r["loss"]) for r in records(tmp_path) if "loss" in r)
+
+
+@cuda
+def test_cuda_benchmark_prints_throughput_and_memory_per_view():
+    done = subprocess.run([sys.executable, str(REPO / "polyview.py"), "--dataset", "fake", "--benchmark", "--arch",
+                           "resnet18", "--image-size", "32", "--batch-size", "16", "--views", "4", "--workers", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "views/s" in done.stdout and "peak memory per view" in done.stdout and "online probe head" in done.stdout
