@@ -1159,7 +1159,8 @@ def test_two_processes_give_the_gradients_of_one(two_ranks):
                 if single is None:  # the last BN's beta: frozen at 0, as in SimCLR
                     assert mine is None
                 else:
-                    torch.testing.assert_close(mine, single, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name} rank {rank} {single.shape} {m}")
+                    torch.testing.assert_close(mine, single, rtol=1e-9, atol=1e-12,
+                                               msg=lambda m: f"{name} rank {rank} {single.shape} {m}")
         assert any(g is not None and g.abs().sum() > 0 for g in full_params[-2:])  # the online probe learns
 
 
