@@ -4,7 +4,7 @@ Every view of a sample is the same Gaussian signal plus its own noise, so the tr
 mutual information I(x_a; X_{-a}) has a closed form and we can watch how close each objective's
 lower bound log C - L gets to it as the multiplicity M grows:
 
-    python gaussian_demo.py --out figures          # regime A: ~1.5 min on 2 cores, 3 seeds
+    python gaussian_demo.py --out figures          # regime A: 1.5-2 min on 2 cores, 3 seeds
 
 writes figures/gaussian_mi.csv (one row per objective, M, seed) and figures/gaussian_mi.png.
 In this regime (A) the PVC and SuffStats gaps are smaller at M = 10 than at M = 2, while
