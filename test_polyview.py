@@ -1122,10 +1122,11 @@ def two_rank_worker(rank, world_size, folder, shapes):
     results["bank"] = polyview.extract_features(model, probe_images(shapes), torch.device("cpu"), workers=0)
     # Resuming: rank 0 sees a checkpoint, rank 1 (another machine, say) sees an empty folder.
     args = polyview.parse_args(["--resume", "--epochs", "2"])
-    results["checkpoint"] = polyview.agreed_checkpoint(Path(folder) / ("run" if rank == 0 else "empty") / "c.pt", args)
+    path = Path(folder) / ("run" if rank == 0 else "empty") / "c.pt"
+    results["checkpoint"] = polyview.agreed_checkpoint(path, args)
     args.resume = False  # without --resume the checkpoint is refused, on every rank alike
     try:
-        polyview.agreed_checkpoint(Path(folder) / ("run" if rank == 0 else "empty") / "c.pt", args)
+        polyview.agreed_checkpoint(path, args)
     except polyview.UserError as error:
         results["refused"] = str(error)
     torch.save(results, f"{folder}/rank{rank}.pt")
