@@ -1,22 +1,22 @@
 """Poly-view contrastive learning (Shidani et al., ICLR 2024, arXiv 2403.05490), in one file.
 
-SimCLR learns an image encoder by matching two augmented views of each image against the views of
-the other images in the batch. Poly-view contrastive learning draws M > 2 views of each of K images
-and matches every view against all the others at once. Its objectives (Geometric and Arithmetic
-PVC, Sufficient Statistics) come from maximising the One-vs-Rest mutual information between a view
-and the other M - 1 views of its image. The paper's headline: 128 epochs at batch 256 with M = 8
-views beat SimCLR at 1024 epochs and batch 4096 on ImageNet-1k.
+SimCLR learns an image encoder by matching two augmented views of each image against the views of the other images
+in the batch. Poly-view contrastive learning draws M > 2 views of each of K images and matches every view against all
+the others at once. Its objectives (Geometric and Arithmetic PVC, Sufficient Statistics) come from maximising the
+One-vs-Rest mutual information between a view and the other M - 1 views of its image. The paper's headline: 128
+epochs at batch 256 with M = 8 views beat SimCLR at 1024 epochs and batch 4096 on ImageNet-1k.
 
     torchrun --nproc_per_node=8 polyview.py --data /path/to/imagenet --loss suffstats  # the paper's run
     python polyview.py --data /path/to/imagenet --loss suffstats --batch-size 128      # one 80 GB GPU
     python polyview.py --dataset cifar10 --arch resnet18                               # CIFAR-10
     python polyview.py --dataset fake --benchmark          # views/s, shares of the step, memory per view
 
-The file reads top to bottom: the objectives (the paper's contribution), views, model, distributed
-helpers, optimiser and schedule, probes, training, benchmark, main. To lift an objective out, copy it,
-`similarities` and `without_diagonal` (torch alone); its naive loop is in test_polyview.py.
+The file reads top to bottom: the objectives (the paper's contribution), views, model, distributed helpers, optimiser
+and schedule, probes, training, benchmark and main. To lift an objective out, copy it, `similarities` and
+`without_diagonal` (torch alone); its naive loop is in test_polyview.py.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -34,8 +34,7 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 
-# ==============================================================================================
-# Objectives
+# ==== Objectives ==============================================================================
 #
 # Notation. A batch holds K samples i, j with M views each, a, b, g. z[i,a] in R^D is the
 # L2-normalised embedding of view a of sample i, and s(ia, jg) = <z[i,a], z[j,g]> / tau. Every
@@ -59,7 +58,6 @@ from torchvision.transforms import v2
 # Why M matters: at a fixed K, more views give each anchor M(K - 1) negatives, so the poly-view
 # ceiling log(M(K-1) + 1) rises with M, and a rest-set of M - 1 views tells more about the anchor,
 # so the true MI rises too. Multi-Crop's ceiling stays at log(2K - 1) whatever M is.
-# ==============================================================================================
 
 
 def without_diagonal(x):
@@ -228,9 +226,7 @@ def contrastive_top1(z, temperature, anchors=None):
     return (positives > sim.amax(dim=(2, 3))[..., None]).float().mean() * 100
 
 
-# ==============================================================================================
-# Views: SimCLR's augmentations. Crops and flips on the CPU workers, colour on the device.
-# ==============================================================================================
+# ==== Views: SimCLR's augmentations. Crops and flips on the CPU workers, colour on the device. ====
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, applied inside the model
 
@@ -248,6 +244,24 @@ def centre_crop(size, small_images):
     take the centre, uint8."""
     resize = v2.Resize(size if small_images else size * 8 // 7, antialias=True)
     return v2.Compose([resize, v2.CenterCrop(size), v2.ToImage()])
+
+
+def image_folders(root, decode):
+    """The ImageFolders root/train and root/val, checked: one sub-folder per class, images that decode."""
+    splits = []
+    for split in ("train", "val"):
+        try:  # no folder, no class folders in it (as ImageNet's val/ ships), or a class folder without an image
+            splits.append(torchvision.datasets.ImageFolder(root / split, decode))
+        except FileNotFoundError as error:
+            raise UserError(f"--data {root} must hold the ImageFolders train/ and val/, one sub-folder per class (sort "
+                            f"ImageNet's flat val/ into them with valprep.sh): {error}")
+        with warnings.catch_warnings():  # a folder where nothing decodes stops here, in one line
+            warnings.simplefilter("ignore")
+            try:
+                MultiView(splits[-1], decode, 1)[0]
+            except UserError as error:
+                raise UserError(f"{root / split}: {error}")
+    return splits
 
 
 class MultiView(torch.utils.data.Dataset):
@@ -381,52 +395,36 @@ def make_datasets(args):
     """(pre-training set of M-view items, probe train set, probe val set of centre crops, classes)."""
     decode = v2.ToImage()  # once per image: PIL -> uint8 [3, H, W], which crops twice as fast as PIL
     if args.dataset in ("imagenet", "folder"):
-        try:
-            train, val = (torchvision.datasets.ImageFolder(Path(args.data) / s, decode) for s in ("train", "val"))
-        except FileNotFoundError as error:  # a class folder without a single image file
-            raise UserError(f"--data {args.data}: {error}")
-        for split in (train, val):  # a folder where nothing decodes stops here, in one line
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    MultiView(split, decode, 1)[0]
-                except UserError as error:
-                    raise UserError(f"{split.root}: {error}")
+        train, val = agree(lambda: image_folders(Path(args.data), decode))
     elif args.dataset == "fake":
-        shape = (3, args.image_size, args.image_size)
-        train = torchvision.datasets.FakeData(50 * args.batch_size, shape, 10, decode)
-        val = torchvision.datasets.FakeData(10 * args.batch_size, shape, 10, decode, random_offset=10**6)
-    else:
-        # One process per machine downloads; the others wait for it, then read what it wrote.
-        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-        if dist.is_initialized() and not first:
-            dist.barrier()
+        size = (3, args.image_size, args.image_size)
+        train = torchvision.datasets.FakeData(50 * args.batch_size, size, 10, decode)
+        val = torchvision.datasets.FakeData(10 * args.batch_size, size, 10, decode, random_offset=10**6)
+    else:  # one process per machine downloads, then the others read it; if it fails, all stop (agree)
         cifar = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
-        try:
-            train, val = (cifar(args.data, train=split, transform=decode, download=first) for split in (True, False))
-        except (OSError, RuntimeError) as error:
-            raise UserError(f"--dataset {args.dataset} could not be read or downloaded into {args.data}: {error}")
-        if dist.is_initialized() and first:
-            dist.barrier()
-    views = random_crop_and_flip(args.image_size)
-    crop = centre_crop(args.image_size, args.small_images)
+
+        def read(download):
+            try:
+                return [cifar(args.data, train=split, transform=decode, download=download) for split in (True, False)]
+            except (OSError, RuntimeError) as error:
+                raise UserError(f"--dataset {args.dataset} could not be read or downloaded into {args.data}: {error}")
+        downloaded = agree(lambda: read(download=True) if int(os.environ.get("LOCAL_RANK", 0)) == 0 else None)
+        train, val = agree(lambda: downloaded or read(download=False))
+    views, crop = random_crop_and_flip(args.image_size), centre_crop(args.image_size, args.small_images)
     classes = train.num_classes if args.dataset == "fake" else len(train.classes)
     return MultiView(train, views, args.views), MultiView(train, crop, 1), MultiView(val, crop, 1), classes
 
 
-# ==============================================================================================
-# Model
-# ==============================================================================================
+# ==== Model ===================================================================================
 
 
 class PolyViewNet(nn.Module):
-    """Images in [0, 1], normalised by ImageNet's mean and std, into a torchvision ResNet without its
-    classifier (the F features the probes see), then SimCLR's projector, as its official code builds
-    it: Linear(F, F) - BN - ReLU - Linear(F, 128) - BN, no bias where a BN follows and no beta in the
-    last BN (the embeddings z the objectives see). The last BN of every residual block starts at 0.
-    Beside them, the online probe: a linear classifier on the features of every training view behind a
-    stop-gradient, so the rest of the model gets exactly the gradient it would get without it. Its
-    accuracy shows the features improving where the loss alone cannot (as in SimCLR's and BYOL's code)."""
+    """Images in [0, 1], normalised by ImageNet's mean and std, into a torchvision ResNet without its classifier
+    (the F features the probes see), then SimCLR's projector as its official code builds it: Linear(F, F) - BN -
+    ReLU - Linear(F, 128) - BN, no bias where a BN follows, no beta in the last BN (the embeddings z the objectives
+    see). The last BN of every residual block starts at 0. Beside them, as in SimCLR's code, the online probe: a
+    linear classifier on the features of every training view behind a stop-gradient (the rest gets the gradient
+    it would get without it), which shows the features improving where the loss cannot."""
 
     def __init__(self, arch="resnet50", small_images=False, classes=1000, dim=128):
         super().__init__()
@@ -454,21 +452,34 @@ class PolyViewNet(nn.Module):
         return self.projector(features).view(k, M, -1), self.online_probe(features.detach())
 
 
-def mixed_precision(device):
-    """bf16 autocast on CUDA (no loss scaling needed: bf16 has float32's range); float32 on the CPU."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+def choose_precision(requested, device_type, capability=None):
+    """(precision, why). auto: bf16 autocast on GPUs with bf16 hardware (compute capability 8.0 and up: A100, H100,
+    RTX 30xx); fp16 autocast with a loss scaler below (T4, V100), where bf16 is only emulated and slow, though
+    torch.cuda.is_bf16_supported() says True; float32 on the CPU. fp16 spans 6e-8 to 65504, so small gradients
+    would underflow to 0 without the scaler; bf16 has float32's range."""
+    if requested != "auto":
+        return requested, "--precision"
+    if device_type != "cuda":
+        return "fp32", "auto: on the CPU"
+    bf16 = capability >= (8, 0)
+    why = f"auto: compute capability {capability[0]}.{capability[1]} has {'' if bf16 else 'no '}bf16 hardware"
+    return ("bf16" if bf16 else "fp16"), why
 
 
-# ==============================================================================================
-# Distributed helpers. The RANK variable (set by torchrun) switches DDP on, as in nanoGPT.
-# ==============================================================================================
+def mixed_precision(device, precision):
+    """The autocast of a precision: the model's matmuls and convolutions in bf16 or fp16, or none (fp32)."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype, enabled=precision != "fp32")
+
+
+# ==== Distributed helpers. The RANK variable (set by torchrun) switches DDP on, as in nanoGPT. ====
 
 
 class GatherWithGrad(torch.autograd.Function):
-    """All ranks' tensors, [k, ...] -> [k * world, ...], in rank order, with gradients. Every rank's loss
-    uses every rank's embeddings as negatives, so the gradient of the embeddings this rank produced is the
-    sum of the gradients all ranks' losses send them: backward all-reduces and keeps this rank's slice.
-    With DDP's gradient averaging on top, this is exactly the single-process, full-batch gradient."""
+    """All ranks' tensors, [k, ...] -> [k * world, ...], in rank order, with gradients. Every rank's loss uses every
+    rank's embeddings as negatives, so the gradient of the embeddings this rank produced is the sum of those all
+    ranks' losses send them: backward all-reduces and keeps this rank's slice. With DDP's gradient averaging on
+    top, this is exactly the single-process, full-batch gradient."""
 
     @staticmethod
     def forward(ctx, z):
@@ -484,12 +495,12 @@ class GatherWithGrad(torch.autograd.Function):
 
 
 def step_loss(model, views, labels, objective, temperature, supervised=False):
-    """This rank's share of one step, on views [k, M, C, H, W] of images with labels [k]: (the loss to
-    minimise, [the objective's loss, contrastive top-1, online probe's top-1] for the log). The
-    objective takes this rank's anchors against the embeddings of all ranks (and supervised supcon the
-    labels of all ranks); the online probe's cross-entropy, on detached features, trains the probe."""
+    """This rank's share of one step, on views [k, M, C, H, W] of images with labels [k]: (the loss to minimise,
+    [the objective's loss, contrastive top-1, online probe's top-1] for the log). The objective takes this rank's
+    anchors against the embeddings (and, supervised, the labels) of all ranks; the online probe's cross-entropy,
+    on detached features, trains the probe."""
     z, logits = model(views)                                          # [k, M, D], [k*M, classes]
-    # BN keeps bf16 under autocast: gather, and sum the gradients over ranks, in float32 (or float64).
+    # BN keeps bf16 or fp16 under autocast: gather, and sum the gradients over ranks, in float32 (or float64).
     z, logits = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (z, logits))
     (k, M), rank, extra = views.shape[:2], 0, {}
     if dist.is_initialized():
@@ -514,9 +525,7 @@ def stream_seed(stream, seed, rank=0, epoch=0):
     return int(np.random.SeedSequence([stream, seed, rank, epoch]).generate_state(1, np.uint64)[0])
 
 
-# ==============================================================================================
-# Optimiser and schedule
-# ==============================================================================================
+# ==== Optimiser and schedule ==================================================================
 
 
 class LARS(torch.optim.Optimizer):
@@ -565,20 +574,14 @@ def peak_learning_rate(args):
     return args.lr * (math.sqrt(args.batch_size) if args.lr_scaling == "sqrt" else args.batch_size / 256)
 
 
-# ==============================================================================================
-# Probes. The online probe (in PolyViewNet) watches a run; the fast probe measures its end.
-# ==============================================================================================
-
-FAST_PROBE = ("fast linear probe: AdamW on standardised frozen features of centre crops, not SimCLR's "
-              "linear evaluation (90 epochs of SGD on random crops and flips)")
-
+# ==== Probes. The online probe (in PolyViewNet) watches a run; the fast probe measures its end. ====
 
 @torch.no_grad()
-def extract_features(model, dataset, device, workers, gather=True):
-    """(features [N, F] float32, labels [N]) of a dataset of single centre crops, in eval mode. Under DDP
-    rank r extracts the items r R to (r + 1) R - 1, R = ceil(N / W), padded to R rows with the label -1.
-    With gather, rank 0 receives all rows into one buffer, the bank in the dataset's order, and the other
-    ranks get None; without, every rank keeps its own rows."""
+def extract_features(model, dataset, device, workers, precision="fp32", gather=True):
+    """(features [N, F] float32, labels [N]) of a dataset of single centre crops, in eval mode. Under DDP rank r
+    extracts the items r R to (r + 1) R - 1, R = ceil(N / W), padded to R rows with the label -1. With gather,
+    rank 0 receives all rows into one buffer, the bank in the dataset's order, and the other ranks get None;
+    without, every rank keeps its own rows."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     rows = math.ceil(len(dataset) / world)
     mine = torch.utils.data.Subset(dataset, range(rank * rows, min((rank + 1) * rows, len(dataset))))
@@ -589,7 +592,7 @@ def extract_features(model, dataset, device, workers, gather=True):
     start = 0
     for views, label, _ in loader:                                     # views [B, 1, C, H, W] uint8
         images = views.flatten(0, 1).to(device, non_blocking=True).float() / 255
-        with mixed_precision(device):
+        with mixed_precision(device, precision):
             features[start:start + len(images)] = model.features(images).float()
         labels[start:start + len(images)] = label.to(device)
         start += len(images)
@@ -602,21 +605,23 @@ def extract_features(model, dataset, device, workers, gather=True):
 
 
 @torch.no_grad()
-def online_val_top1(model, dataset, device, workers):
+def online_val_top1(model, dataset, device, workers, precision):
     """The online probe's val top-1 in percent (centre crops, eval mode, every rank its shard), on every rank."""
-    features, labels = extract_features(model, dataset, device, workers, gather=False)
+    features, labels = extract_features(model, dataset, device, workers, precision, gather=False)
     counts = torch.stack([(model.online_probe(features).argmax(dim=1) == labels).sum(), (labels >= 0).sum()])
     if dist.is_initialized():
         dist.all_reduce(counts)
     return (100 * counts[0] / counts[1]).item()
 
 
-def linear_probe(train_x, train_y, val_x, val_y, epochs, device):
+def linear_probe(train_x, train_y, val_x, val_y, epochs, device, min_steps=1000):
     """A fast probe of frozen features [N, F], in percent: top-1 and top-5 (None under 5 classes) of a
     linear classifier trained with AdamW on standardised features of centre crops, and k-NN top-1
     (k = 20, cosine similarity, votes weighted by exp(similarity / 0.07) as in Wu et al., 2018).
-    Not SimCLR's linear evaluation: compare its numbers across runs of this file, not with the paper.
-    The bank stays on the device (ImageNet, ResNet-50: 10.5 GB) and is standardised in place."""
+    Not SimCLR's linear evaluation: compare its numbers across runs of this file, not with the paper. It
+    takes max(epochs x ceil(N / 1024), min_steps) steps of 1,024: 112,680 on ImageNet at 90 epochs, and 1,000, not
+    90, on a few hundred images, where its val top-1 has plateaued. The bank stays on the device (ImageNet, ResNet-50:
+    10.5 GB)."""
     classes = int(max(train_y.max(), val_y.max())) + 1
 
     # k-NN: each val image votes with its 20 most similar train images (cosine: divide by the norms).
@@ -627,74 +632,92 @@ def linear_probe(train_x, train_y, val_x, val_y, epochs, device):
         votes.append(scores.scatter_add_(1, train_y[index], (similarity / 0.07).exp()).argmax(1))
     knn_top1 = (torch.cat(votes) == val_y).float().mean().item() * 100
 
-    # Linear classifier on standardised features (a BatchNorm without affine, frozen at the end).
+    # Linear classifier on standardised features (a BatchNorm without affine, frozen at the end), in place.
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x.sub_(mean).div_(std)
     val_x = (val_x - mean) / std
     classifier = nn.Linear(train_x.shape[1], classes).to(device)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * math.ceil(len(train_x) / 1024)))
-    for _ in range(epochs):
-        for batch in torch.randperm(len(train_x), device=device).split(1024):
-            loss = F.cross_entropy(classifier(train_x[batch]), train_y[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    steps = max(epochs * math.ceil(len(train_x) / 1024), min_steps)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+
+    def batches():  # epoch after epoch, each a new permutation
+        while True:
+            yield from torch.randperm(len(train_x), device=device).split(1024)
+    for _, batch in zip(range(steps), batches()):
+        loss = F.cross_entropy(classifier(train_x[batch]), train_y[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
     with torch.no_grad():
         hits = classifier(val_x).topk(min(5, classes), dim=1).indices == val_y[:, None]   # [N, 5]
-    return {"protocol": FAST_PROBE, "top1": hits[:, 0].float().mean().item() * 100,
+    return {"protocol": "fast linear probe: AdamW on standardised frozen features of centre crops, not SimCLR's linear "
+            "evaluation (90 epochs of SGD on random crops and flips)", "top1": hits[:, 0].float().mean().item() * 100,
             "top5": hits.any(1).float().mean().item() * 100 if classes >= 5 else None, "knn_top1": knn_top1}
 
 
-# ==============================================================================================
-# Training: config, checkpoints, the loop
-# ==============================================================================================
+# ==== Training: config, checkpoints, the loop =================================================
 
 
 class UserError(Exception):
-    """A problem with the command line, the data or the run folder: reported in one line, exit 2."""
+    """A problem with the command line, the data or the run folder: one line, exit 2. Under torchrun, one
+    that every process meets (`everywhere`) is printed once, by rank 0."""
+
+    def __init__(self, message, everywhere=False):
+        super().__init__(message)
+        self.everywhere = everywhere
+
+
+def agree(work):
+    """work() on every process; a UserError on any becomes the same error on all, named by the first that
+    failed: a process that stopped alone would leave the others waiting at their next collective forever."""
+    try:
+        result, error = work(), None
+    except UserError as caught:
+        result, error = None, str(caught)
+    errors = [error]
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)  # also where the processes wait for each other
+    for rank, message in enumerate(errors):
+        if message:
+            raise UserError(message if rank == 0 else f"(rank {rank}) {message}", everywhere=True)
+    return result
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Poly-view contrastive pre-training of a ResNet, then a fast linear "
                                 "probe. Defaults follow the paper and SimCLR (Chen et al., 2020).")
     add = p.add_argument
-    add("--loss", default="suffstats", choices=list(LOSSES), help="simclr (M = 2), multicrop (SimCLR over view "
-        "pairs), geometric / arithmetic PVC (-log of the geometric / arithmetic mean of the positives' probabilities), "
-        "suffstats (one positive: the mean of the other views), supcon, dcl (default: suffstats)")
-    add("--supervised", action="store_true", help="supcon with the dataset's labels: every view of every image "
-        "of the anchor's class is a positive (Khosla et al.'s supervised form)")
+    add("--loss", default="suffstats", choices=list(LOSSES), help="see each objective's docstring (default: suffstats)")
+    add("--supervised", action="store_true", help="supcon with labels: every view of the anchor's class is a positive")
     add("--views", type=int, help="M, views per image (default: 8, the paper's Figures 3a and 5; 2 for simclr)")
-    add("--batch-size", type=int, help="K, images per step over all processes: K x M views share the GPUs "
-        "(default: 256, the paper's headline run; 512 on small images, SimCLR's CIFAR-10 setting)")
-    add("--epochs", type=int, default=128, help="pre-training epochs (0: probe a random backbone) (default: 128)")
+    add("--batch-size", type=int, help="K, images per step over all processes (default: 256; 512 on small images)")
+    add("--epochs", type=int, default=128, help="pre-training epochs; 0 probes the backbone as it is (default: 128)")
     add("--arch", default="resnet50", choices=["resnet50", "resnet18"], help="backbone (default: resnet50)")
     add("--dataset", default="imagenet", choices=["imagenet", "folder", "cifar10", "cifar100", "fake"],
-        help="imagenet/folder: ImageFolders DATA/train and DATA/val; cifar*: torchvision's (downloaded into "
-        "DATA); fake: random images, for throughput (default: imagenet)")
+        help="imagenet/folder: ImageFolders DATA/train and DATA/val; cifar*: downloaded into DATA; fake: random images")
     add("--data", default="./data", help="dataset folder (default: ./data)")
-    add("--image-size", type=int, help="side of the crops (default 224, 32 for CIFAR); at 64 or less the "
-        "small-image recipe: 3x3 stride-1 stem, no max-pool, jitter strength 0.5, no blur")
-    add("--out", default="runs/polyview", help="run folder: checkpoint.pt, metrics.jsonl, training.png, probe.json")
-    add("--lr-scaling", default="sqrt", choices=["sqrt", "linear"], help="peak learning rate from K in images: "
-        "sqrt, lr * sqrt(K), which SimCLR's appendix B.1 finds better at small batches; linear, lr * K / 256")
-    add("--lr", type=float, help="base learning rate (default: sqrt 0.075, SimCLR's, 1.2 at K = 256; linear 0.3; "
-        "small images: sqrt 2 / sqrt(512) = 0.088, SimCLR's CIFAR-10 peak 2.0 at K = 512 but 0.5, not linear's "
-        "0.125, at K = 32 (SimCLR's appendix B.1; the README's CPU runs were too short to tell); linear 1.0)")
+    add("--image-size", type=int, help="crop side (default: 224, CIFAR 32); 64 or less: SimCLR's CIFAR recipe")
+    add("--out", default="runs/polyview", help="run folder (default: runs/polyview)")
+    add("--lr-scaling", default="sqrt", choices=["sqrt", "linear"], help="lr * sqrt(K) or lr * K / 256 (default: sqrt)")
+    add("--lr", type=float, help="base lr (default: sqrt 0.075, linear 0.3; small images: sqrt 2/sqrt(512), linear 1)")
     add("--temperature", type=float, help="tau (default: 0.1; 0.5 on small images, SimCLR's CIFAR-10 setting)")
-    add("--weight-decay", type=float, help="LARS weight decay, not on BN and biases (default: 1e-6; 1e-4 on small "
-        "images, SimCLR's CIFAR-10 setting)")
+    add("--weight-decay", type=float, help="LARS weight decay, not on BN and biases (default: 1e-6; small images 1e-4)")
     add("--warmup-epochs", type=float, default=10, help="linear warm-up, at most a tenth of the run (default: 10)")
     add("--workers", type=int, default=8, help="data-loading processes per GPU (default: 8)")
     add("--seed", type=int, default=0, help="seed of the weights, the data order and every view (default: 0)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    add("--compile", action="store_true", help="torch.compile the backbone; under torchrun its SyncBatchNorm layers "
-        "run eagerly between compiled pieces (graph breaks), so expect less gain than on one GPU")
-    add("--probe-epochs", type=int, default=90, help="epochs of the fast linear probe (0 skips it) (default: 90)")
+    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="the model's autocast; auto: "
+        "bf16 from compute capability 8.0, fp16 with a loss scaler below (T4, V100), fp32 on the CPU (default: auto)")
+    add("--compile", action="store_true", help="torch.compile the backbone (under torchrun, SyncBN breaks its graph)")
+    add("--weights", help="start the backbone from a state_dict: a run's backbone.pt or torchvision's weights file")
+    add("--probe-epochs", type=int, default=90, help="fast probe epochs, 1,000 steps or more; 0 skips it (default: 90)")
     add("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists (else start fresh)")
     add("--log-every", type=int, default=50, help="steps between log lines (default: 50)")
-    add("--benchmark", action="store_true", help="print views/s and the shares of a step, and memory per view")
+    add("--benchmark", action="store_true", help="print views/s, the shares of a step and memory per view")
+    add("--compare", nargs="+", metavar="RUN", help="plot runs' online probes against compute into compare.png")
     args = p.parse_args(argv)
     if args.image_size is None:
         args.image_size = 32 if args.dataset.startswith("cifar") else 224
@@ -710,30 +733,32 @@ def parse_args(argv=None):
 
 
 def check_args(args, world_size):
-    """Fail fast, before any data or GPU is touched, on settings the run could not survive."""
+    """Fail fast, before any data or GPU is touched, on settings the run could not survive. Every process
+    reads the same command line, so every one meets these errors: rank 0 alone prints them."""
     least = dict(views=2, batch_size=2, epochs=0, workers=0, probe_epochs=0, log_every=1, image_size=8, seed=0,
                  warmup_epochs=0, weight_decay=0, lr=0, temperature=0)
     for name, bound in least.items():
         value, strict = getattr(args, name), name in ("lr", "temperature")
         if not (math.isfinite(value) and (value > bound if strict else value >= bound)):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} {bound}, "
-                            f"got {value}")
+                            f"got {value}", True)
     try:  # the objective itself knows its rules (simclr needs M = 2)
         LOSSES[args.loss](torch.randn(2, args.views, 4), args.temperature)
     except ValueError as error:
-        raise UserError(f"--loss {args.loss} --views {args.views}: {error}")
+        raise UserError(f"--loss {args.loss} --views {args.views}: {error}", True)
     if args.supervised and args.loss != "supcon":
-        raise UserError(f"--supervised is supcon's supervised form, not --loss {args.loss}")
+        raise UserError(f"--supervised is supcon's supervised form, not --loss {args.loss}", True)
     if args.batch_size % world_size:
-        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} processes")
-    if args.dataset in ("imagenet", "folder"):
-        for split in ("train", "val"):
-            folder = Path(args.data) / split
-            if not folder.is_dir():
-                raise UserError(f"--data {args.data} must hold the ImageFolders train/ and val/ ({split}/ is missing)")
-            if not any(path.is_dir() for path in folder.iterdir()):
-                raise UserError(f"{folder} holds no class folders: ImageFolder needs one sub-folder per class "
-                                "(ImageNet's val/ comes flat: sort it into 1,000 class folders, as valprep.sh does)")
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} processes", True)
+
+
+@contextlib.contextmanager
+def out_of_memory(where):
+    """CUDA running out of memory inside becomes one line: where it ran out, and the way out."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"CUDA out of memory {where}") from None
 
 
 def write_atomically(path, write):
@@ -750,43 +775,29 @@ def write_atomically(path, write):
         temporary.unlink(missing_ok=True)
 
 
-def save_checkpoint(state, path):
-    write_atomically(path, lambda f: torch.save(state, f))
-
-
 # What a resumed run must share with its checkpoint: the settings of the model, data, objective and schedule.
 MUST_MATCH_ON_RESUME = ("arch", "loss", "supervised", "views", "batch_size", "dataset", "image_size", "epochs",
-                        "lr_scaling", "lr", "warmup_epochs", "temperature", "weight_decay", "seed")
-
-
-def load_checkpoint(path, args):
-    """The checkpoint at path to resume from, or None where there is none."""
-    if not path.exists():
-        return None
-    if not args.resume:
-        raise UserError(f"{path} exists: add --resume to continue it, or choose another --out")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
-    for key in MUST_MATCH_ON_RESUME:
-        if checkpoint["args"].get(key) != getattr(args, key):
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"{path} was trained with {flag} {checkpoint['args'].get(key)}, this run asks for "
-                            f"{flag} {getattr(args, key)}: resume with the same {flag}, or choose another --out")
-    return checkpoint
+                        "lr_scaling", "lr", "warmup_epochs", "temperature", "weight_decay", "seed", "weights")
 
 
 def agreed_checkpoint(path, args):
-    """load_checkpoint as rank 0 sees it, on every rank: where machines share no filesystem, a rank that
-    looked itself would start afresh while rank 0 resumes. So all ranks resume, or all stop."""
-    found = [None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            found = [load_checkpoint(path, args)]
-        except UserError as error:
-            found = [error]
+    """The checkpoint to resume from (None where there is none) as rank 0 sees it, on every rank: where
+    machines share no filesystem, a rank that looked itself would start afresh while rank 0 resumes."""
+    def load():
+        if dist.is_initialized() and dist.get_rank() != 0 or not path.exists():
+            return None
+        if not args.resume:
+            raise UserError(f"{path} exists: add --resume to continue it, or choose another --out")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+        for key in MUST_MATCH_ON_RESUME:
+            if checkpoint["args"].get(key) != getattr(args, key):
+                flag = "--" + key.replace("_", "-")
+                raise UserError(f"{path} was trained with {flag} {checkpoint['args'].get(key)}, this run asks for "
+                                f"{flag} {getattr(args, key)}: resume with the same {flag}, or choose another --out")
+        return checkpoint
+    found = [agree(load)]
     if dist.is_initialized():
         dist.broadcast_object_list(found, src=0)  # pickled: a ResNet-50 checkpoint is ~0.3 GB, once
-    if isinstance(found[0], UserError):
-        raise found[0]
     return found[0]
 
 
@@ -796,30 +807,28 @@ def read_metrics(path):
 
 
 class Log:
-    """The numbers of a run: every --log-every steps, the means over those steps and over ranks of the
-    loss, the contrastive top-1 and the online probe's top-1, printed and written to metrics.jsonl by
-    rank 0. Every rank sees the same means, so all stop together: on a loss that is not finite, or,
-    once `enough` images were read, if more than 1% of them failed to decode."""
+    """The numbers of a run: every --log-every steps, the means over those steps and over ranks of the loss, the
+    contrastive top-1 and the online probe's top-1, printed and written to metrics.jsonl by rank 0. Every rank sees
+    the same means, so all stop together: on a loss that is not finite, or, once `enough` images were read, if
+    more than 1% of them failed to decode."""
 
     def __init__(self, path, args, world_size, total_steps, enough, resumed_at):
-        self.path, self.args, self.world_size, self.total_steps = path, args, world_size, total_steps
-        self.enough, self.master = enough, int(os.environ.get("RANK", 0)) == 0
+        self.path, self.world_size, self.total_steps, self.enough = path, world_size, total_steps, enough
+        self.views_per_step, self.master = args.batch_size * args.views, int(os.environ.get("RANK", 0)) == 0
         self.skipped = self.tried = 0     # undecodable files passed over, and all files read, by this rank
         self.window, self.tick, self.waited = [], time.perf_counter(), 0.0
-        if not self.master:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resumed_at is not None and path.exists():  # drop what a crashed run logged after its checkpoint
-            kept = "".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= resumed_at)
-            write_atomically(path, lambda f: f.write(kept.encode()))
-        elif path.exists():  # an earlier run into this folder that never reached a checkpoint
-            os.replace(path, path.with_name("metrics.old.jsonl"))
-            print(f"moved the metrics.jsonl of a run that left no checkpoint to {path.parent}/metrics.old.jsonl")
+        if self.master:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if resumed_at is None and path.exists():  # from an earlier run here that never reached a checkpoint
+                os.replace(path, path.with_name("metrics.old.jsonl"))
+            # A resumed run drops what a crashed run logged after its checkpoint; a fresh one starts empty.
+            kept = [r for r in read_metrics(path) if r["step"] <= resumed_at] if path.exists() else []
+            write_atomically(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
 
-    def write(self, record):
+    def write(self, record):  # with the views seen so far over all ranks: the paper's compute axis
         if self.master:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, "views_seen": record["step"] * self.views_per_step}) + "\n")
 
     def step(self, stats, passed_over, images):  # stats [3] stay on the device until the next line
         self.window.append(stats)
@@ -835,14 +844,14 @@ class Log:
         skipped, tried = counts.tolist()
         if skipped > 0.01 * tried and tried >= self.enough:
             raise UserError(f"{skipped:.0f} of the {tried:.0f} images read ({skipped / tried:.0%}) could not be "
-                            "decoded, more than 1%: check --data (the warnings name the files)")
+                            "decoded, more than 1%: check --data (the warnings name the files)", True)
         bad = (~torch.isfinite(stats[:, 0])).nonzero()
         if len(bad):  # the weights are already poisoned: stop, keep the checkpoint as it is
             first = int(bad[0, 0])
             raise UserError(f"loss is {stats[first, 0].item()} at step {step - len(stats) + first + 1} "
-                            f"(epoch {epoch}); stopping: {kept}")
+                            f"(epoch {epoch}); stopping: {kept}", True)
         loss, contrastive, probe = stats.mean(dim=0).tolist()
-        views_per_s = len(stats) * self.args.batch_size * self.args.views / seconds
+        views_per_s = len(stats) * self.views_per_step / seconds
         eta = (self.total_steps - step) * seconds / len(stats)
         self.write({"step": step, "epoch": epoch, "loss": loss, "contrastive_top1": contrastive,
                     "online_probe_top1": probe, "lr": lr, "views_per_s": views_per_s,
@@ -854,93 +863,120 @@ class Log:
         self.window, self.tick, self.waited = [], time.perf_counter(), 0.0
 
 
+def read_weights(args, backbone):
+    """The state_dict of --weights, checked against the backbone: a run's backbone.pt, or torchvision's
+    ResNet weights file, whose classifier (fc) is dropped. What does not match is named, in one line."""
+    try:
+        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # no file, not a torch file, or pickled code, which weights_only refuses to run
+        raise UserError(f"--weights {args.weights} cannot be read as a state_dict ({type(error).__name__})")
+    if not (isinstance(state, dict) and all(torch.is_tensor(v) for v in state.values())):
+        raise UserError(f"--weights {args.weights} is not a state_dict (a checkpoint.pt? give its run's backbone.pt)")
+    state, expected = {k: v for k, v in state.items() if not k.startswith("fc.")}, backbone.state_dict()
+    for problem, keys in (("with another shape (file for model)", [f"{k} {list(state[k].shape)} for {list(v.shape)}"
+                           for k, v in expected.items() if k in state and state[k].shape != v.shape]),
+                          ("missing", [k for k in expected if k not in state]),
+                          ("unexpected", [k for k in state if k not in expected])):
+        if keys:
+            raise UserError(f"--weights {args.weights} does not fit --arch {args.arch} at {args.image_size} px "
+                            f"({'3x3 stem of small images' if args.small_images else 'ImageNet stem'}): {len(keys)} "
+                            f"keys {problem}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
+    return state
+
+
 def build_model(args, classes, device, distributed, lr, checkpoint=None):
-    """(the model to call, the plain module the checkpoints and the probes use, its LARS)."""
+    """(the model to call, the plain module the checkpoints and the probes use, its LARS, fp16's loss scaler)."""
     torch.manual_seed(stream_seed(WEIGHTS, args.seed))  # the same initial weights on every rank
     model = PolyViewNet(args.arch, args.small_images, classes)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-    if distributed and device.type == "cuda":
-        # The M views of an image share a GPU, so per-GPU batch statistics would leak which views
-        # belong together; synchronised BN computes them over the whole global batch instead.
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.weights:
+        model.backbone.load_state_dict(agree(lambda: read_weights(args, model.backbone)))
+    if distributed and device.type == "cuda":  # the M views of an image share a GPU, so per-GPU batch statistics
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # would leak which views belong together
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
-    # The online probe shares the optimiser and schedule, without decay or trust ratio, as in SimCLR's
-    # code (a trust ratio of 0.001 would barely move a classifier that starts from scratch).
+    # The online probe shares the optimiser and schedule, without decay or trust ratio, as in SimCLR's code (a
+    # trust ratio of 0.001 would barely move a classifier that starts from scratch).
     rest = [p for name, p in model.named_parameters() if not name.startswith("online_probe.")]
     optimizer = LARS([{"params": rest}, {"params": model.online_probe.parameters(), "adapt": False}], lr=lr,
                      weight_decay=args.weight_decay)  # state on the device
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler.is_enabled() and checkpoint.get("scaler"):  # empty from a bf16 or fp32 run
+            scaler.load_state_dict(checkpoint["scaler"])
     raw_model = model
     if args.compile:
         model.backbone.compile()  # in place: the state_dict keys stay the same
     if distributed:  # SyncBN keeps the BN statistics equal on every rank: no buffers to broadcast
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                         broadcast_buffers=False)
-    return model, raw_model, optimizer
+    return model, raw_model, optimizer, scaler
 
 
-def train_step(model, optimizer, views, labels, args, device):
-    """One step on this rank's uint8 crops [k, M, C, H, W] and labels [k]; returns the numbers to log,
-    [loss, contrastive top-1, online probe's top-1], still on the device (no host sync)."""
+def train_step(model, optimizer, scaler, views, labels, args, device):
+    """One step on this rank's uint8 crops [k, M, C, H, W] and labels [k]; returns [loss, contrastive top-1, online
+    probe's top-1] to log, on the device. Under fp16 the scaler multiplies the loss by S (65536 at first), so that
+    small gradients survive fp16, and divides the gradients by S before LARS (its trust ratio divides by their norm)
+    sees them; a step whose gradients overflowed is skipped and S halved (S doubles after 2,000 good steps). That
+    check is the step's one wait for the GPU; bf16 and fp32 have none."""
     views = device_augment(views.to(device, non_blocking=True), args.small_images)
-    with mixed_precision(device):
+    with mixed_precision(device, args.precision):
         loss, stats = step_loss(model, views, labels.to(device, non_blocking=True), LOSSES[args.loss],
                                 args.temperature, args.supervised)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)  # skipped if a gradient overflowed: weights and momentum stay as they were
+    scaler.update()
     return stats
 
 
 def start_processes(args, distributed):
-    """The device of this process; under torchrun, its GPU (LOCAL_RANK) and the process group."""
+    """The device of this process (under torchrun, its GPU and the process group); args.precision resolved, and why."""
     device = torch.device(args.device)
     if distributed:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # TF32 stays off: autocast runs the model's matmuls in bf16 anyway, and the objectives' are float32.
     torch.backends.cudnn.benchmark = device.type == "cuda"  # the fastest convolutions for these shapes
-    return device
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    args.precision, why = choose_precision(args.precision, device.type, capability)
+    return device, why
 
 
 def train(args):
     distributed = "RANK" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     check_args(args, world_size)
-    device, out = start_processes(args, distributed), Path(args.out)
+    (device, why), out = start_processes(args, distributed), Path(args.out)
     checkpoint_path = out / "checkpoint.pt"
     checkpoint = agreed_checkpoint(checkpoint_path, args)
-
     pretrain_set, probe_train_set, probe_val_set, classes = make_datasets(args)
     sampler = torch.utils.data.DistributedSampler(pretrain_set, world_size, rank, drop_last=True)
     loader = torch.utils.data.DataLoader(pretrain_set, args.batch_size // world_size, sampler=sampler, drop_last=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(pretrain_set)} images make no full batch of {args.batch_size}")
-    total_steps = args.epochs * steps_per_epoch
+    if (steps_per_epoch := len(loader)) == 0:
+        raise UserError(f"{len(pretrain_set)} images make no full batch of {args.batch_size}", True)
+    total_steps, peak_lr = args.epochs * steps_per_epoch, peak_learning_rate(args)
     warmup_steps = round(min(args.warmup_epochs, args.epochs / 10) * steps_per_epoch)
-    peak_lr = peak_learning_rate(args)
-    model, raw_model, optimizer = build_model(args, classes, device, distributed, peak_lr, checkpoint)
+    model, raw_model, optimizer, scaler = build_model(args, classes, device, distributed, peak_lr, checkpoint)
     start_epoch, step = (checkpoint["epoch"], checkpoint["step"]) if checkpoint else (0, 0)
     log = Log(out / "metrics.jsonl", args, world_size, total_steps, min(1000, len(pretrain_set)),
               resumed_at=step if checkpoint else None)
     if log.master:
+        write_atomically(out / "args.json", lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
         if checkpoint:
             print(f"resuming {checkpoint_path} at epoch {start_epoch}, step {step}")
         print(f"{args.loss}{' (supervised)' if args.supervised else ''}: K={args.batch_size} images x M={args.views} "
-              f"views per step on {world_size} x {device.type}, {args.arch} "
+              f"views per step on {world_size} x {device.type} in {args.precision} ({why}), {args.arch} "
               f"({sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters), "
               f"{steps_per_epoch} steps/epoch, peak lr {peak_lr:.3g} ({args.lr_scaling} rule)")
-
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        # Every stream from (seed, rank, epoch), so a resumed run draws the same views (workers seed
-        # from this RNG); the sampler's seed + epoch would repeat across seeds, so its epoch stays 0.
+        # Every stream from (seed, rank, epoch), so a resumed run draws the same views (workers seed from this RNG);
+        # the sampler's seed + epoch would repeat across seeds, so its epoch stays 0.
         sampler.seed = stream_seed(ORDER, args.seed, 0, epoch)
         torch.manual_seed(stream_seed(VIEWS, args.seed, rank, epoch))
         kept = f"{checkpoint_path} (after epoch {epoch - 1}) is kept as it was" if epoch else "no checkpoint yet"
@@ -950,40 +986,50 @@ def train(args):
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            log.step(train_step(model, optimizer, views, labels, args, device), int(passed_over.sum()), len(views))
+            stats = train_step(model, optimizer, scaler, views, labels, args, device)
+            log.step(stats, int(passed_over.sum()), len(views))
             step += 1
             if step % args.log_every == 0 or step % steps_per_epoch == 0:
                 log.line(step, epoch, lr, kept)
             loading = time.perf_counter()
-        val_top1 = online_val_top1(raw_model, probe_val_set, device, args.workers)
+        with out_of_memory(f"in the online probe's val pass after epoch {epoch} (256 centre crops a batch, beside "
+                           f"the training's memory): lower --batch-size; {kept}"):
+            val_top1 = online_val_top1(raw_model, probe_val_set, device, args.workers, args.precision)
         log.write({"step": step, "epoch": epoch, "online_val_top1": val_top1})
         if log.master:
             print(f"epoch {epoch}: online probe val top-1 {val_top1:.2f}%", flush=True)
-            save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "epoch": epoch + 1, "step": step, "args": vars(args)}, checkpoint_path)
+            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                     "step": step, "scaler": scaler.state_dict(), "args": vars(args)}
+            write_atomically(checkpoint_path, lambda f: torch.save(state, f))
     finish(raw_model, probe_train_set, probe_val_set, args, device, out)
     if distributed:
         dist.destroy_process_group()
 
 
 def finish(model, train_set, val_set, args, device, out):
-    """The end of a run: training.png, the fast probe (every rank extracts its shard of the features,
-    rank 0 fits the classifier and the k-NN), probe.json and a one-line summary."""
+    """The end of a run: backbone.pt, training.png, the fast probe (every rank extracts its shard of the
+    features, rank 0 fits the classifier and the k-NN), probe.json and a one-line summary."""
     master, result = not dist.is_initialized() or dist.get_rank() == 0, {}
+    if master:  # torchvision's own keys, fc left out: see the README to load it into torchvision's ResNet
+        backbone = {k: v.cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+        write_atomically(out / "backbone.pt", lambda f: torch.save(backbone, f))
     if args.probe_epochs > 0:
         before = [t.clone() for t in model.backbone.state_dict().values()]
-        banks = [extract_features(model, split, device, args.workers) for split in (train_set, val_set)]
+        with out_of_memory(f"in the fast probe (rank 0 holds all {len(train_set)} training features on its GPU); "
+                           f"the backbone is saved: probe it with --weights {out}/backbone.pt --epochs 0 and another "
+                           "--out on a GPU with more memory, or with --device cpu"):
+            banks = [extract_features(model, s, device, args.workers, args.precision) for s in (train_set, val_set)]
+            if master:
+                torch.manual_seed(stream_seed(PROBE, args.seed))
+                result = linear_probe(*banks[0], *banks[1], args.probe_epochs, device)
         if not all(torch.equal(a, b) for a, b in zip(before, model.backbone.state_dict().values())):
             raise RuntimeError("the backbone changed during feature extraction: the probe would not be frozen")
-        if master:
-            torch.manual_seed(stream_seed(PROBE, args.seed))
-            result = linear_probe(*banks[0], *banks[1], args.probe_epochs, device)
     if not master:
         return
-    records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    records = read_metrics(out / "metrics.jsonl")
     online = [r["online_val_top1"] for r in records if "online_val_top1" in r] or [None]
     result.update(online_val_top1_first_epoch=online[0], online_val_top1_last_epoch=online[-1])
-    # --epochs 0 trains no online probe: the fast probe's numbers are then the random-backbone baseline.
+    # --epochs 0 trains no online probe: the fast probe then measures the backbone as it started (random, or --weights).
     summary = (f"online probe val top-1 after the first epoch {online[0]:.2f}%, after the last {online[-1]:.2f}%"
                if online[0] is not None else "no online probe (no epoch trained)")
     if args.probe_epochs > 0:
@@ -992,107 +1038,111 @@ def finish(model, train_set, val_set, args, device, out):
                     f"top-5 {top5}  k-NN top-1 {result['knn_top1']:.2f}%")
     print(summary)
     write_atomically(out / "probe.json", lambda f: f.write((json.dumps(result) + "\n").encode()))
-    if records:
-        plot_training(records, out / "training.png")
+    plot_training(records, out / "training.png")
 
 
 def plot_training(records, path):
-    """Against the step: loss, contrastive top-1, online probe top-1 (training views; val at epoch ends), lr."""
+    """Against the step: the log's four numbers on training views, and the online probe's val top-1 at epoch ends."""
     from matplotlib.figure import Figure  # no pyplot: no display, no global state
 
-    steps, epochs = [r for r in records if "loss" in r], [r for r in records if "online_val_top1" in r]
     fig = Figure(figsize=(10, 6))
-    axes = fig.subplots(2, 2, sharex=True)
-    for ax, key, title in zip(axes.flat, ("loss", "contrastive_top1", "online_probe_top1", "lr"),
-                              ("objective's loss", "contrastive top-1 (%)", "online probe top-1 (%)", "learning rate")):
-        ax.plot([r["step"] for r in steps], [r[key] for r in steps], label="training views")
-        ax.set(title=title, xlabel="step" if key in ("online_probe_top1", "lr") else None)
-    axes[1, 0].plot([r["step"] for r in epochs], [r["online_val_top1"] for r in epochs], "o-", label="val, epoch end")
-    axes[1, 0].legend()
+    for ax, key in zip(fig.subplots(2, 2, sharex=True).flat, ("loss", "contrastive_top1", "online_probe_top1", "lr")):
+        ax.plot([r["step"] for r in records if key in r], [r[key] for r in records if key in r], label="training views")
+        ax.set(title=key, xlabel="step")
+    ends = [r for r in records if "online_val_top1" in r]
+    fig.axes[2].plot([r["step"] for r in ends], [r["online_val_top1"] for r in ends], "o-", label="val, epoch end")
+    fig.axes[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-# ==============================================================================================
-# Benchmark: tooling, not the lesson
-# ==============================================================================================
+def compare(args):
+    """Runs side by side on the paper's compute axis (its Figure 3): each run's online probe val top-1 against
+    relative compute, the views it has processed over the 2 views per image of one SimCLR epoch, and against
+    epochs, into compare.png; and a table of the runs, with the fast probe's numbers where there are some."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2, sharey=True)
+    rows = [("run", "loss", "M", "K", "epochs", "views seen", "online val top-1", "fast probe top-1", "k-NN top-1")]
+    for run in map(Path, args.compare):
+        for name, what in (("args.json", "is not a run of polyview.py"), ("metrics.jsonl", "is a run without a log")):
+            if not (run / name).is_file():
+                raise UserError(f"--compare: {run} {what} (no {name})")
+        s, records = json.loads((run / "args.json").read_text()), read_metrics(run / "metrics.jsonl")
+        ends = [r for r in records if "online_val_top1" in r]  # epoch ends
+        top1, label = [r["online_val_top1"] for r in ends], f"{s['loss']}, M={s['views']}, K={s['batch_size']}"
+        # An epoch is step / (epoch + 1) steps of K images: one SimCLR epoch sees 2 views of each.
+        axes[0].plot([r["views_seen"] * (r["epoch"] + 1) / (2 * s["batch_size"] * r["step"]) for r in ends], top1,
+                     "o-", label=label)
+        axes[1].plot([r["epoch"] + 1 for r in ends], top1, "o-", label=label)
+        probe = json.loads((run / "probe.json").read_text()) if (run / "probe.json").is_file() else {}
+        numbers = (top1[-1] if top1 else None, probe.get("top1"), probe.get("knn_top1"))
+        rows.append((run, s["loss"], s["views"], s["batch_size"], f"{len(ends)}/{s['epochs']}",
+                     records[-1]["views_seen"] if records else 0, *("-" if x is None else f"{x:.2f}" for x in numbers)))
+    axes[0].set(xscale="log", xlabel="relative compute (views seen / 2 views per image per epoch)",
+                ylabel="online probe val top-1 (%)")
+    axes[1].set(xlabel="epochs")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig("compare.png", dpi=100)
+    widths = [max(len(str(row[n])) for row in rows) for n in range(len(rows[0]))]
+    print("\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in rows))
+    print("wrote compare.png")
 
 
-def measure(functions, repeats, device):
-    """Seconds of the fastest of `repeats` calls of each function, after a warm-up call each. The
-    functions take turns, so that a slow spell of the machine falls on all of them alike."""
-    times = [float("inf")] * len(functions)
+# ==== Benchmark (tooling, not the lesson) and main ============================================
+
+
+def benchmark(args):
+    """Views/s of the training step, the objective's and the device augmentation's shares of it, and on CUDA the
+    peak memory per view (weights and optimiser included). The data path's share is the log lines' `data` column."""
+    check_args(args, 1)
+    device, why = start_processes(args, False)
+    pretrain_set, _, _, classes = make_datasets(args)
+    model, _, optimizer, scaler = build_model(args, classes, device, False, lr=1e-4)
+    views, labels, _ = next(iter(torch.utils.data.DataLoader(pretrain_set, args.batch_size, num_workers=args.workers)))
+    views, labels, views_per_step = views.to(device), labels.to(device), args.batch_size * args.views
+    z = torch.randn(args.batch_size, args.views, 128, device=device, requires_grad=True)
+    functions = [lambda: train_step(model, optimizer, scaler, views, labels, args, device),
+                 lambda: device_augment(views, args.small_images),
+                 lambda: LOSSES[args.loss](z, args.temperature).backward()]
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for attempt in range(repeats + 1):
-        for n, fn in enumerate(functions):
-            sync()
+    times = [float("inf")] * len(functions)
+    for attempt in range(21 if device.type == "cuda" else 4):  # the first, warm-up call of each compiles
+        for n, fn in enumerate(functions):  # in turns: a slow spell of the machine falls on all of them alike
             start = time.perf_counter()
             fn()
             sync()
             times[n] = min(times[n], time.perf_counter() - start) if attempt else times[n]
-    return times
-
-
-def benchmark(args):
-    """Views/s of the training step and of the backbone alone (forward + backward, same precision and memory
-    format), the shares of the objective, the online probe's head and the device augmentation in the step,
-    and on CUDA the peak memory over the views (weights and optimiser included: a little above a view's
-    cost). The data path's share shows in the `data` column of a training run's log lines."""
-    device = torch.device(args.device)
-    check_args(args, 1)
-    pretrain_set, _, _, classes = make_datasets(args)
-    model, _, optimizer = build_model(args, classes, device, False, lr=1e-4)
-    views, labels, _ = next(iter(torch.utils.data.DataLoader(pretrain_set, args.batch_size, num_workers=args.workers)))
-    views, labels, views_per_step = views.to(device), labels.to(device), args.batch_size * args.views
-    z = torch.randn(args.batch_size, args.views, 128, device=device, requires_grad=True)
-    features = torch.randn(views_per_step, model.projector[0].in_features, device=device)
-    images = torch.randn(views_per_step, 3, args.image_size, args.image_size, device=device)
-    images = images.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
-
-    def backward(fn):
-        def run():
-            with mixed_precision(device):
-                fn().float().mean().backward()
-        return run
-
-    step, backbone, augment, objective, head = measure([  # the first, warm-up call of each compiles
-        lambda: train_step(model, optimizer, views, labels, args, device), backward(lambda: model.backbone(images)),
-        lambda: device_augment(views, args.small_images), lambda: LOSSES[args.loss](z, args.temperature).backward(),
-        backward(lambda: model.online_probe(features))], 20 if device.type == "cuda" else 3, device)
+    step, augment, objective = times
     print(f"{args.arch} at {args.image_size}px, K={args.batch_size} x M={args.views} = {views_per_step} views/step, "
-          f"{args.loss}, {device.type}{' + compile' if args.compile else ''}\n"
-          f"  training step             {views_per_step / step:9.1f} views/s\n"
-          f"  backbone alone (fwd + bwd) {views_per_step / backbone:8.1f} views/s  (ratio {backbone / step:.2f})\n"
-          f"  shares of the step: objective {objective / step:.2%}, online probe head {head / step:.2%}, "
+          f"{args.loss}, {device.type}{' + compile' if args.compile else ''}, {args.precision} ({why})\n"
+          f"  training step {views_per_step / step:.1f} views/s; shares of the step: objective {objective / step:.2%}, "
           f"device augmentation {augment / step:.1%}")
     if device.type == "cuda":
-        print(f"  peak memory per view {torch.cuda.max_memory_allocated() / views_per_step / 2**20:12.1f} MiB")
-
-
-# ==============================================================================================
-# Main
-# ==============================================================================================
+        print(f"  peak memory per view {torch.cuda.max_memory_allocated() / views_per_step / 2**20:.1f} MiB")
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {args.device}, but no GPU is visible (use --device cpu)")
+            raise UserError(f"--device {args.device}, but no GPU is visible (use --device cpu)", True)
+        per_gpu = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
         try:
-            (benchmark if args.benchmark else train)(args)
-        except torch.cuda.OutOfMemoryError:
-            per_gpu = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
-            raise UserError(f"CUDA out of memory with {per_gpu} x {args.views} = {per_gpu * args.views} views per GPU "
-                            f"({args.arch} at {args.image_size} px): run on more GPUs under torchrun, or lower "
-                            "--batch-size (the square-root rule lowers the peak lr with it: half the batch, lr / 1.41)")
+            with out_of_memory(f"with {per_gpu} x {args.views} = {per_gpu * args.views} views per GPU ({args.arch} at "
+                               f"{args.image_size} px): run on more GPUs under torchrun, or lower --batch-size (the "
+                               "square-root rule lowers the peak lr with it: half the batch, lr / 1.41)"):
+                (compare if args.compare else benchmark if args.benchmark else train)(args)
         except RuntimeError as error:
             if "DataLoader worker" not in str(error):
                 raise
             raise UserError(f"{str(error).splitlines()[0].rstrip('.')}. In a container, give it shared memory "
                             "(docker run --ipc=host, or --shm-size=16g), or lower --workers.") from None
     except UserError as error:
-        print(f"polyview.py: error: {error}", file=sys.stderr)
+        if not error.everywhere or int(os.environ.get("RANK", 0)) == 0:
+            print(f"polyview.py: error: {error}", file=sys.stderr)
         sys.exit(2)
 
 
