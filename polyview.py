@@ -623,7 +623,6 @@ def linear_probe(train_x, train_y, val_x, val_y, epochs, device, min_steps=1000)
     90, on a few hundred images, where its val top-1 has plateaued. The bank stays on the device (ImageNet, ResNet-50:
     10.5 GB)."""
     classes = int(max(train_y.max(), val_y.max())) + 1
-
     # k-NN: each val image votes with its 20 most similar train images (cosine: divide by the norms).
     norms, votes = train_x.norm(dim=1).clamp_min(1e-12), []
     for chunk in F.normalize(val_x, dim=1).split(256):
@@ -741,15 +740,16 @@ def check_args(args, world_size):
         value, strict = getattr(args, name), name in ("lr", "temperature")
         if not (math.isfinite(value) and (value > bound if strict else value >= bound)):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} {bound}, "
-                            f"got {value}", True)
+                            f"got {value}", everywhere=True)
     try:  # the objective itself knows its rules (simclr needs M = 2)
         LOSSES[args.loss](torch.randn(2, args.views, 4), args.temperature)
     except ValueError as error:
-        raise UserError(f"--loss {args.loss} --views {args.views}: {error}", True)
+        raise UserError(f"--loss {args.loss} --views {args.views}: {error}", everywhere=True)
     if args.supervised and args.loss != "supcon":
-        raise UserError(f"--supervised is supcon's supervised form, not --loss {args.loss}", True)
+        raise UserError(f"--supervised is supcon's supervised form, not --loss {args.loss}", everywhere=True)
     if args.batch_size % world_size:
-        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} processes", True)
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world_size} processes",
+                        everywhere=True)
 
 
 @contextlib.contextmanager
@@ -844,12 +844,12 @@ class Log:
         skipped, tried = counts.tolist()
         if skipped > 0.01 * tried and tried >= self.enough:
             raise UserError(f"{skipped:.0f} of the {tried:.0f} images read ({skipped / tried:.0%}) could not be "
-                            "decoded, more than 1%: check --data (the warnings name the files)", True)
+                            "decoded, more than 1%: check --data (the warnings name the files)", everywhere=True)
         bad = (~torch.isfinite(stats[:, 0])).nonzero()
         if len(bad):  # the weights are already poisoned: stop, keep the checkpoint as it is
             first = int(bad[0, 0])
             raise UserError(f"loss is {stats[first, 0].item()} at step {step - len(stats) + first + 1} "
-                            f"(epoch {epoch}); stopping: {kept}", True)
+                            f"(epoch {epoch}); stopping: {kept}", everywhere=True)
         loss, contrastive, probe = stats.mean(dim=0).tolist()
         views_per_s = len(stats) * self.views_per_step / seconds
         eta = (self.total_steps - step) * seconds / len(stats)
@@ -958,7 +958,7 @@ def train(args):
     loader = torch.utils.data.DataLoader(pretrain_set, args.batch_size // world_size, sampler=sampler, drop_last=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     if (steps_per_epoch := len(loader)) == 0:
-        raise UserError(f"{len(pretrain_set)} images make no full batch of {args.batch_size}", True)
+        raise UserError(f"{len(pretrain_set)} images make no full batch of {args.batch_size}", everywhere=True)
     total_steps, peak_lr = args.epochs * steps_per_epoch, peak_learning_rate(args)
     warmup_steps = round(min(args.warmup_epochs, args.epochs / 10) * steps_per_epoch)
     model, raw_model, optimizer, scaler = build_model(args, classes, device, distributed, peak_lr, checkpoint)
@@ -1128,7 +1128,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {args.device}, but no GPU is visible (use --device cpu)", True)
+            raise UserError(f"--device {args.device}, but no GPU is visible (use --device cpu)", everywhere=True)
         per_gpu = args.batch_size // int(os.environ.get("WORLD_SIZE", 1))
         try:
             with out_of_memory(f"with {per_gpu} x {args.views} = {per_gpu * args.views} views per GPU ({args.arch} at "
