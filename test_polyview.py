@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -879,9 +880,77 @@ def test_each_objective_pretrains_and_probes_end_to_end(loss, shapes, tmp_path):
     assert probe["online_val_top1_first_epoch"] == probe["online_val_top1_last_epoch"] == epoch_end["online_val_top1"]
     assert 0 <= probe["top1"] <= 100 and 0 <= probe["knn_top1"] <= 100
     assert probe["top5"] is None  # 3 classes: a top-5 would be 100% whatever the features
-    assert "fast linear probe (not SimCLR's linear evaluation)" in done.stdout
-    assert "contrastive top-1" in done.stdout and "online probe val top-1 after the first epoch" in done.stdout
+    assert "(top1, top5, knn_top1: the fast linear probe, not SimCLR's linear evaluation)" in done.stdout
+    assert "contrastive_top1 " in done.stdout and "online_val_top1_first_epoch " in done.stdout
+    for picture in ("views.png", "neighbours.png", "training.png"):
+        assert (tmp_path / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     print(f"{loss}: {steps[-1]['views_per_s']:.1f} views/s")  # the CPU throughput (pytest -s)
+
+
+@pytest.fixture(scope="module")
+def watched_run(shapes, tmp_path_factory):
+    """A 2-epoch run in this process (M = 2, K = 6: 2 steps an epoch) with spies on the views of each training step,
+    the grids that save_grid draws and the figures saved, and a fake clock that only moves 1 s for each training step
+    and 1000 s for each online val pass."""
+    from matplotlib.figure import Figure
+
+    out, clock, seen = tmp_path_factory.mktemp("watched"), [0.0], {"steps": [], "grids": [], "figures": {}}
+    train_step, online_val_top1, save_grid, savefig = (polyview.train_step, polyview.online_val_top1,
+                                                       polyview.save_grid, Figure.savefig)
+
+    def timed_step(model, optimizer, scaler, views, labels, args):
+        seen["steps"].append(views.clone())
+        clock[0] += 1.0
+        return train_step(model, optimizer, scaler, views, labels, args)
+
+    def slow_val_pass(*args):
+        clock[0] += 1000.0
+        return online_val_top1(*args)
+
+    def drawn(rows, path, frames=None):
+        seen["grids"].append((Path(path).name, [[image.clone() for image in row] for row in rows]))
+        return save_grid(rows, path, frames)
+
+    def saved(figure, path, **kwargs):
+        seen["figures"][Path(path).name] = figure
+        return savefig(figure, path, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(polyview, "train_step", timed_step)
+        patch.setattr(polyview, "online_val_top1", slow_val_pass)
+        patch.setattr(polyview, "save_grid", drawn)
+        patch.setattr(polyview, "time", argparse.Namespace(perf_counter=lambda: clock[0]))
+        patch.setattr(Figure, "savefig", saved)
+        polyview.main(tiny_run(shapes, out, "--views", "2", "--epochs", "2")[2:])
+    return out, seen
+
+
+def test_the_logs_clock_times_the_steps_only_not_the_val_pass_or_the_checkpoint(watched_run):
+    out, _ = watched_run
+    lines = [r for r in records(out) if "views_per_s" in r]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]  # step 3: the first of epoch 2, after the 1000 s val pass
+    assert [r["views_per_s"] for r in lines] == [12.0] * 4  # 6 x 2 views in each 1 s step
+    assert [r["data_wait"] for r in lines] == [0.0] * 4 and [r["eta_s"] for r in lines] == [3.0, 2.0, 1.0, 0.0]
+
+
+def test_views_png_shows_the_m_views_of_the_first_batch_as_the_model_gets_them(watched_run):
+    out, seen = watched_run
+    drawn = [rows for name, rows in seen["grids"] if name == "views.png"]
+    assert len(drawn) == 1 and (out / "views.png").exists()  # once a run, at its first step
+    first_batch = seen["steps"][0]  # [6, 2, 3, 32, 32]: after the colour ops, before the normalisation
+    assert len(drawn[0]) == 4 and all(len(row) == 2 for row in drawn[0])  # 4 images, one per row; M = 2 views each
+    for image_views, row in zip(first_batch, drawn[0]):
+        assert all(torch.equal(view, drawn_view) for view, drawn_view in zip(image_views, row, strict=True))
+    neighbours = [rows for name, rows in seen["grids"] if name == "neighbours.png"]
+    assert len(neighbours) == 1 and [len(row) for row in neighbours[0]] == [9, 9, 9]  # 3 classes: 3 rows
+
+
+def test_training_png_labels_step_under_the_bottom_row_and_percent_on_accuracies(watched_run):
+    _, seen = watched_run
+    axes = seen["figures"]["training.png"].axes
+    assert [ax.get_title() for ax in axes] == ["loss", "contrastive_top1", "online_probe_top1", "lr"]
+    assert [ax.get_xlabel() for ax in axes] == ["", "", "step", "step"]
+    assert [ax.get_ylabel() for ax in axes] == ["", "%", "%", ""]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -1027,10 +1096,10 @@ def test_relative_compute_is_views_seen_over_two_views_of_each_image_per_epoch(r
     monkeypatch.setattr(Axes, "plot", lambda self, x, y, *a, **k: plotted.append((list(x), list(y))))
     monkeypatch.chdir(tmp_path)
     polyview.compare(polyview.parse_args(["--compare", str(runs / "suffstats"), str(runs / "simclr")]))
-    val = [r["online_val_top1"] for r in records(runs / "suffstats") if "online_val_top1" in r]
+    val = {name: [r["online_val_top1"] for r in records(runs / name) if "online_val_top1" in r]
+           for name in ("suffstats", "simclr")}
     # suffstats, M = 3: an epoch is 1.5 SimCLR epochs of compute; simclr, M = 2: exactly one
-    assert plotted[0] == ([1.5, 3.0], val) and plotted[1] == ([1, 2], val)
-    assert plotted[2][0] == [1.0] and plotted[3][0] == [1]
+    assert plotted == [([1.5, 3.0], val["suffstats"]), ([1.0], val["simclr"])]
 
 
 def test_compare_refuses_a_folder_that_is_not_a_run_in_one_line(runs, tmp_path, capsys):
@@ -1044,6 +1113,35 @@ def test_compare_refuses_a_folder_that_is_not_a_run_in_one_line(runs, tmp_path, 
         assert stop.value.code == 2 and error == f"polyview.py: error: --compare: {folder} {message}\n"
 
 
+def test_compare_labels_each_run_leaves_out_runs_without_points_and_ticks_plain_numbers(runs, tmp_path, monkeypatch):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: saved.append(figure))
+    monkeypatch.chdir(tmp_path)
+    polyview.compare(polyview.parse_args(["--compare", *(str(runs / name) for name in ("suffstats", "simclr", "probed"))]))
+    (ax,) = saved[0].axes
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend == ["suffstats: suffstats, M=3, K=6", "simclr: simclr, M=2, K=6"]  # "probed" (--epochs 0): no points
+    FigureCanvasAgg(saved[0]).draw()
+    low, high = ax.get_xlim()
+    ticks = [t.get_text() for t in ax.get_xticklabels(which="both") if low <= t.get_position()[0] <= high]
+    assert ticks and all(re.fullmatch(r"[0-9]+", tick) for tick in ticks if tick), ticks  # 2, 3: not 2 x 10^0
+
+
+def test_resuming_a_finished_run_goes_straight_to_its_probe(runs, shapes, tmp_path):
+    import shutil
+
+    shutil.copytree(runs / "suffstats", tmp_path / "suffstats")
+    done = subprocess.run(tiny_run(shapes, tmp_path / "suffstats", "--views", "3", "--epochs", "2", "--resume"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert records(tmp_path / "suffstats") == records(runs / "suffstats")  # not a step more
+    again, first = (json.loads((folder / "suffstats" / "probe.json").read_text()) for folder in (tmp_path, runs))
+    assert again == first
+
+
 def test_a_fresh_run_moves_stale_metrics_aside(shapes, tmp_path):
     stale = '{"step": 7, "epoch": 3, "loss": 9.0}\n{"step": 8, "ep'  # a run that crashed before any checkpoint
     (tmp_path / "metrics.jsonl").write_text(stale)
@@ -1052,6 +1150,67 @@ def test_a_fresh_run_moves_stale_metrics_aside(shapes, tmp_path):
     assert done.returncode == 0, done.stderr
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 2]  # two steps, then the epoch's end
     assert (tmp_path / "metrics.old.jsonl").read_text() == stale
+    assert (tmp_path / "views.png").exists() and not (tmp_path / "neighbours.png").exists()  # --probe-epochs 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures: the grids of views.png and neighbours.png, and the README's figure
+# ----------------------------------------------------------------------------------------------
+
+
+def test_save_grid_puts_each_row_of_images_on_a_row_framed_and_enlarged(tmp_path):
+    from PIL import Image
+
+    rows = [[torch.full((3, 8, 8), (3 * r + c) / 10) for c in range(3 - r)] for r in range(2)]  # row 1 is short
+    frames = [[(1.0, 0.0, 0.0)] * 3, [(0.0, 1.0, 0.0)] * 2]
+    grid = polyview.save_grid(rows, tmp_path / "grid.png", frames)
+    cell, scale = 8 + 2 * 3 + 2, 96 // 8  # an image, its frame of 3 px, make_grid's padding; enlarged to 96 px
+    assert grid.shape == (3, (2 * cell + 2) * scale, (3 * cell + 2) * scale)
+    for r in range(2):
+        for c in range(3):
+            top, left = (2 + r * cell) * scale, (2 + c * cell) * scale  # the cell's corner, on its frame
+            inside = grid[:, top + 7 * scale, left + 7 * scale]
+            if c < len(rows[r]):
+                assert grid[:, top, left].tolist() == list(frames[r][c]) and torch.allclose(inside, rows[r][c][:, 0, 0])
+            else:  # filled: white
+                assert grid[:, top, left].tolist() == [1.0] * 3 and inside.tolist() == [1.0] * 3
+    png = torch.from_numpy(np.array(Image.open(tmp_path / "grid.png"))).permute(2, 0, 1)  # [3, H, W] uint8
+    assert torch.equal(png, (grid * 255 + 0.5).clamp(0, 255).to(torch.uint8))
+
+
+@pytest.mark.parametrize("classes, rows", [(10, 8), (3, 3)])
+def test_neighbours_png_shows_the_knns_own_neighbours_of_each_classs_first_val_image(classes, rows, tmp_path):
+    torch.manual_seed(0)
+    train_x, val_x = torch.randn(40, 16, dtype=torch.float64), torch.randn(30, 16, dtype=torch.float64)
+    train_y, val_y = torch.arange(40) % classes, torch.randint(0, classes, (30,))
+    _, neighbours = polyview.knn(train_x, train_y, val_x)
+
+    def item(n):  # as SkipUndecodable gives it: (views [1, 3, H, W] uint8, label, skipped)
+        return torch.full((1, 3, 8, 8), n, dtype=torch.uint8), 0, 0
+    train_set, val_set = [item(n) for n in range(40)], [item(100 + n) for n in range(30)]
+    grid, picked = polyview.save_neighbours_png(train_set, val_set, train_y, val_y, neighbours, tmp_path / "n.png")
+    queries = [val_y.tolist().index(c) for c in sorted(set(val_y.tolist()))[:8]]  # each class's first val image
+    cosine = F.normalize(val_x, dim=1) @ F.normalize(train_x, dim=1).T
+    assert len(picked) == rows
+    for r, (row, query) in enumerate(zip(picked, queries, strict=True)):
+        assert row == [query, *sorted(range(40), key=lambda j: -cosine[query, j])[:8]]  # the 8 nearest, in order
+        for c, index in enumerate(row):
+            top, left = (2 + r * 16) * 12, (2 + c * 16) * 12  # the cell's frame (see the test above)
+            match = (0.0, 0.7, 0.0) if train_y[index] == val_y[query] else (0.9, 0.0, 0.0)
+            assert grid[:, top, left].tolist() == pytest.approx((0.0, 0.0, 0.0) if c == 0 else match)
+            assert grid[0, top + 7 * 12, left + 7 * 12] == pytest.approx((100 + index if c == 0 else index) / 255)
+
+
+def test_the_readmes_figure_is_a_photograph_its_eight_views_and_simclrs_two(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("views_figure", REPO / "figures" / "views.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    grid = module.views_figure(tmp_path / "views.png")
+    cell = 224 + 2 * 3 + 2
+    assert grid.shape == (3, 2 * cell + 2, 9 * cell + 2)  # the photograph and 8 views; then SimCLR's 2
+    assert (tmp_path / "views.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 class Unpicklable:
@@ -1147,8 +1306,8 @@ def test_out_of_memory_names_the_views_per_gpu_and_the_ways_out(shapes, tmp_path
 
 @pytest.mark.parametrize("broken, epochs, where, way_out", [
     ("extract_features", "1", "in the online probe's val pass", "lower --batch-size; no checkpoint yet"),
-    ("extract_features", "0", "in the fast probe", "probe {out}/backbone.pt with --weights and --epochs 0"),
-    ("linear_probe", "0", "in the fast probe", "on a GPU with more memory or with --device cpu"),
+    ("extract_features", "0", "in the fast probe", "rerun with --resume on a GPU with more memory, or with --device cpu"),
+    ("linear_probe", "0", "in the fast probe", "a finished run goes straight to its probe"),
 ])
 def test_out_of_memory_in_a_probe_names_the_probe_and_its_way_out(broken, epochs, where, way_out, shapes, tmp_path,
                                                                   monkeypatch, capsys):
@@ -1191,6 +1350,22 @@ def test_a_flat_val_folder_as_imagenet_ships_it_is_one_line(shapes, tmp_path, ca
     assert str(tmp_path / "data" / "val") in error  # ImageFolder's own words name the folder
 
 
+def test_val_classes_take_trains_numbers_by_name_and_an_extra_one_is_one_line(tmp_path, capsys):
+    import shutil
+
+    data = draw_shapes(tmp_path / "data", per_class=3)  # train/ and val/ of circle, square, triangle
+    shutil.rmtree(data / "val" / "circle")  # val/ without train's first class: on its own it would number square 0
+    args = polyview.parse_args(["--dataset", "folder", "--data", str(data), "--batch-size", "2"])
+    train, val = polyview.read_dataset(args, TV.ToImage())
+    assert train.class_to_idx == {"circle": 0, "square": 1, "triangle": 2} and val.class_to_idx == train.class_to_idx
+    assert [val[i][1] for i in range(len(val))] == [1, 1, 2, 2]
+    shutil.copytree(data / "val" / "square", data / "val" / "star")  # a class that train/ lacks
+    with pytest.raises(SystemExit) as stop:
+        polyview.main(tiny_run(data, tmp_path / "out", "--epochs", "1")[2:])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and error == f"polyview.py: error: {data / 'val'} has class folders that train/ lacks: star\n"
+
+
 def test_a_folder_of_broken_images_stops_at_once_and_a_mostly_broken_one_after_reading_it(tmp_path, capsys):
     all_broken = draw_shapes(tmp_path / "all", per_class=1)
     break_images(all_broken, count=3)
@@ -1212,14 +1387,14 @@ def test_resuming_with_other_settings_is_refused_naming_the_flag(shapes, tmp_pat
     flags = ["--loss", "geometric", "--views", "3", "--epochs", "2"]
     saved = vars(polyview.parse_args(tiny_run(shapes, tmp_path, *flags)[2:]))
     save({"args": saved}, tmp_path / "checkpoint.pt")
-    for changed, message in [(["--epochs", "3"], "--epochs 2, this run asks for --epochs 3"),
-                             (["--arch", "resnet50"], "--arch resnet18, this run asks for --arch resnet50"),
-                             (["--loss", "suffstats"], "--loss geometric, this run asks for --loss suffstats"),
-                             (["--lr", "0.5"], "this run asks for --lr 0.5"),
-                             (["--lr-scaling", "linear"], "--lr-scaling sqrt, this run asks for --lr-scaling linear"),
+    for changed, message in [(["--epochs", "3"], "checkpoint.pt has --epochs 2, not 3: resume with --epochs 2, or"),
+                             (["--arch", "resnet50"], "has --arch resnet18, not resnet50"),
+                             (["--loss", "suffstats"], "has --loss geometric, not suffstats"),
+                             (["--lr", "0.5"], ", not 0.5: resume with --lr "),
+                             (["--lr-scaling", "linear"], "has --lr-scaling sqrt, not linear"),
                              (["--warmup-epochs", "1"], "--warmup-epochs"), (["--temperature", "0.2"], "--temperature"),
-                             (["--weight-decay", "0"], "--weight-decay"), (["--seed", "1"], "--seed 0, this run"),
-                             (["--weights", "w.pt"], "--weights None, this run asks for --weights w.pt")]:
+                             (["--weight-decay", "0"], "--weight-decay"), (["--seed", "1"], "has --seed 0, not 1"),
+                             (["--weights", "w.pt"], "has --weights None, not w.pt")]:
         with pytest.raises(SystemExit) as stop:
             polyview.main(tiny_run(shapes, tmp_path, "--resume", *flags, *changed)[2:])
         error = capsys.readouterr().err
@@ -1478,6 +1653,9 @@ def two_rank_worker(rank, world_size, folder, shapes):
         polyview.make_datasets(polyview.parse_args(["--dataset", "cifar10", "--data", str(folder)]))
     except polyview.UserError as error:
         results["cifar"] = (str(error), error.everywhere)
+    # Pictures: whichever rank asks, rank 0 alone draws.
+    path = Path(folder) / f"grid_asked_by_rank{rank}.png"
+    results["grid"] = (str(path), polyview.save_grid([[torch.rand(3, 8, 8)]], path))
     torch.save(results, f"{folder}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -1531,7 +1709,7 @@ def test_a_problem_of_one_rank_stops_every_rank_in_one_message(two_ranks):
     for result in ranks:
         assert result["agreed"] == ("(rank 1) no such folder", True)  # printed once, by rank 0
         message, everywhere = result["cifar"]  # no rank waits for a download that failed
-        assert everywhere and "--dataset cifar10 could not be read or downloaded" in message
+        assert everywhere and re.search(r"^--dataset cifar10 --data \S+ could not be read or downloaded", message)
         assert "download failed: no network" in message and not message.startswith("(rank")
 
 
@@ -1542,6 +1720,13 @@ def test_every_rank_resumes_from_rank_0s_checkpoint(two_ranks):
         assert torch.equal(result["checkpoint"]["model"]["weight"], checkpoint["model"]["weight"])
         assert result["refused"].endswith("checkpoint.pt exists: add --resume to continue it, or choose another --out")
     assert ranks[0]["refused"] == ranks[1]["refused"]
+
+
+def test_pictures_are_drawn_by_rank_0_alone(two_ranks):
+    ranks, _ = two_ranks
+    (path_0, grid_0), (path_1, grid_1) = ranks[0]["grid"], ranks[1]["grid"]
+    assert grid_0 is not None and Path(path_0).exists()
+    assert grid_1 is None and not Path(path_1).exists()
 
 
 def test_an_error_of_every_rank_prints_once_and_one_ranks_error_prints_anyway(monkeypatch, capsys):
@@ -1557,6 +1742,15 @@ def test_an_error_of_every_rank_prints_once_and_one_ranks_error_prints_anyway(mo
     with pytest.raises(SystemExit) as stop:
         polyview.main([])
     assert stop.value.code == 2 and capsys.readouterr().err == "polyview.py: error: only this rank's disk is full\n"
+
+
+def test_benchmark_under_torchrun_is_refused_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as stop:  # every rank would measure cuda:0
+        polyview.main(["--benchmark", "--dataset", "fake", "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and error == "polyview.py: error: --benchmark measures one GPU: run it with python, not torchrun\n"
 
 
 @pytest.mark.parametrize("flags, message", [(["--views", "1"], "--views must be"),
@@ -1642,4 +1836,4 @@ def test_cuda_benchmark_prints_throughput_and_memory_per_view():
                            "resnet18", "--image-size", "32", "--batch-size", "16", "--views", "4", "--workers", "2"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert "views/s" in done.stdout and "peak memory per view" in done.stdout and "device augmentation" in done.stdout
+    assert "views/s" in done.stdout and "peak memory per view" in done.stdout
