@@ -356,8 +356,9 @@ def device_augment(crops, small_images):
 def make_datasets(args):
     """(pre-training set of M-view items, the probes' train and val sets of centre crops, number of classes)."""
     decode = v2.ToImage()  # once per image: PIL -> uint8 [3, H, W], which crops twice as fast as PIL
-    if args.dataset == "fake":  # random images of 10 classes, for the benchmark
-        train = val = torchvision.datasets.FakeData(50 * args.batch_size, (3, *[args.image_size] * 2), 10, decode)
+    if args.dataset == "fake":  # random images of 10 classes, for the benchmark: val's from other seeds than train's
+        train, val = (torchvision.datasets.FakeData(n * args.batch_size, (3, *[args.image_size] * 2), 10, decode,
+                                                    random_offset=offset) for n, offset in ((50, 0), (10, 10**6)))
     else:  # ImageFolders, val's labels by train's class names; or CIFAR, downloaded once per machine
         train, val = read_dataset(args, decode)
     crop, centre = random_crop_and_flip(args.image_size), centre_crop(args.image_size, args.small_images)
@@ -603,7 +604,7 @@ def extract_features(model, dataset, device, args):
     labels = torch.full((rows,), -1, dtype=torch.long, device=device)
     model.eval()
     for batch, (crops, label, _) in enumerate(loader):                  # crops [B, 1, 3, H, W] uint8
-        rows_here = slice(256 * batch, 256 * batch + len(crops))
+        rows_here = slice(batch * loader.batch_size, batch * loader.batch_size + len(crops))
         images = crops.flatten(0, 1).to(device, non_blocking=True).float() / 255
         with mixed_precision(device, args.precision):
             features[rows_here] = model.features(images).float()
@@ -1069,11 +1070,10 @@ def benchmark(args):
         train_step(model, optimizer, scaler, device_augment(crops, args.small_images), labels, args)
         torch.cuda.synchronize() if device.type == "cuda" else None
         best = min(best, time.perf_counter() - start) if attempt else best
+    memory = torch.cuda.max_memory_allocated() / views_per_step / 2**20 if device.type == "cuda" else None
     print(f"{args.arch} at {args.image_size}px, K={args.batch_size} x M={args.views} = {views_per_step} views/step, "
           f"{args.loss}, {device.type}{' + compile' * args.compile}, {args.precision} ({args.precision_reason}): "
-          f"{views_per_step / best:.1f} views/s")
-    if device.type == "cuda":
-        print(f"  peak memory per view {torch.cuda.max_memory_allocated() / views_per_step / 2**20:.1f} MiB")
+          f"{views_per_step / best:.1f} views/s" + (f", peak memory per view {memory:.1f} MiB" if memory else ""))
 
 
 def main(argv=None):

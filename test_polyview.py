@@ -1744,6 +1744,14 @@ def test_an_error_of_every_rank_prints_once_and_one_ranks_error_prints_anyway(mo
     assert stop.value.code == 2 and capsys.readouterr().err == "polyview.py: error: only this rank's disk is full\n"
 
 
+def test_benchmark_prints_the_steps_throughput_on_the_cpu(capsys):
+    polyview.main(["--benchmark", "--dataset", "fake", "--arch", "resnet18", "--image-size", "16", "--batch-size", "4",
+                   "--views", "2", "--workers", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"resnet18 at 16px, K=4 x M=2 = 8 views/step, suffstats, cpu, fp32 \(auto: on the CPU\): "
+                        r"[0-9.]+ views/s\n", out), out  # no memory on the CPU
+
+
 def test_benchmark_under_torchrun_is_refused_in_one_line(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
