@@ -427,8 +427,7 @@ def step_loss(model, views, labels, objective, temperature, supervised=False):
     cross-entropy."""
     z, logits = model(views)                                          # [n, M, D], [n*M, classes]
     # BN leaves bf16 or fp16 under autocast: gather z, and sum its gradient over ranks, in float32 (or float64).
-    z = z.to(torch.promote_types(z.dtype, torch.float32))
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    z, logits = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (z, logits))
     n, M = views.shape[:2]
     rank = dist.get_rank() if dist.is_initialized() else 0
     anchors = slice(rank * n, (rank + 1) * n)                         # this rank's images among all K
@@ -647,8 +646,7 @@ def linear_probe(train_x, train_y, val_x, val_y, epochs, device, min_steps=1000)
     112,680 on ImageNet at 90 epochs; 1,000, not 90, on a few hundred images, where its top-1 has plateaued."""
     classes = int(max(train_y.max(), val_y.max())) + 1
     mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
-    train_x -= mean
-    train_x /= std
+    train_x.sub_(mean).div_(std)
     val_x = (val_x - mean) / std
     classifier = nn.Linear(train_x.shape[1], classes).to(device)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -1091,7 +1089,9 @@ def main(argv=None):
             raise UserError(f"{str(error).splitlines()[0].rstrip('.')}. In a container, give it shared memory "
                             "(docker run --ipc=host, or --shm-size=16g), or lower --workers.") from None
     except UserError as error:
-        if not error.everywhere or int(os.environ.get("RANK", 0)) == 0:
+        if error.everywhere and int(os.environ.get("RANK", 0)) > 0:
+            time.sleep(10)  # rank 0 prints it; were this rank to exit first, torchrun could stop rank 0 mid-print
+        else:
             print(f"polyview.py: error: {error}", file=sys.stderr)
         sys.exit(2)
 

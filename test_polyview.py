@@ -1732,9 +1732,12 @@ def test_pictures_are_drawn_by_rank_0_alone(two_ranks):
 def test_an_error_of_every_rank_prints_once_and_one_ranks_error_prints_anyway(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    slept = []
+    monkeypatch.setattr(polyview.time, "sleep", slept.append)
     with pytest.raises(SystemExit) as stop:  # a bad flag: every rank meets it, rank 0 says so
         polyview.main(["--views", "1"])
     assert stop.value.code == 2 and capsys.readouterr().err == ""
+    assert slept == [10]  # and rank 1 waits, or torchrun could stop rank 0 before it has printed the line
 
     def fails_here(args):
         raise polyview.UserError("only this rank's disk is full")
@@ -1742,6 +1745,7 @@ def test_an_error_of_every_rank_prints_once_and_one_ranks_error_prints_anyway(mo
     with pytest.raises(SystemExit) as stop:
         polyview.main([])
     assert stop.value.code == 2 and capsys.readouterr().err == "polyview.py: error: only this rank's disk is full\n"
+    assert slept == [10]  # no wait for an error of its own
 
 
 def test_benchmark_prints_the_steps_throughput_on_the_cpu(capsys):
