@@ -4,7 +4,7 @@ Every view of a sample is the same Gaussian signal plus its own noise, so the tr
 mutual information I(x_a; X_{-a}) has a closed form and we can watch how close each objective's
 lower bound log C - L gets to it as the multiplicity M grows:
 
-    python gaussian_demo.py --out figures          # regime A: 1.5-2 min on 2 cores, 3 seeds
+    python gaussian_demo.py --out figures          # regime A: 1-2 min on 2 cores, 3 seeds
 
 writes figures/gaussian_mi.csv (one row per objective, M, seed) and figures/gaussian_mi.png.
 In this regime (A) the PVC and SuffStats gaps are smaller at M = 10 than at M = 2, while
@@ -29,13 +29,13 @@ from pathlib import Path
 
 import matplotlib
 matplotlib.use("Agg")                   # no display needed: we only write a PNG
-import matplotlib.pyplot as plt
-import numpy as np
-import torch
-from torch import nn
-from torch.func import vmap
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.func import vmap  # noqa: E402
 
-from polyview import LOSSES
+from polyview import LOSSES  # noqa: E402
 
 DIM = 2             # low dimension: the MI is large per dim, so it soon exceeds log(2K - 1)
 SIGNAL = 1.0        # variance s of the shared content c; only s / n matters
@@ -86,14 +86,14 @@ def sample_views(batch_size, views, args, generator):
 
 
 def make_encoder(dim, seed):
-    """The encoder, an MLP d -> 256 -> 256 -> 64 applied to each view; the seed fixes its weights."""
-    torch.manual_seed(seed)             # same seed -> same initial encoder for every objective and M
+    """The encoder, an MLP d -> 256 -> 256 -> 64 applied to each view; seed fixes its weights."""
+    torch.manual_seed(seed)             # same initial encoder for every objective and M
     return nn.Sequential(nn.Linear(dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                          nn.Linear(256, 64))
 
 
 def make_optimizer(parameters):
-    """Adam; fused: one pass over each weight tensor instead of a dozen (8x faster here)."""
+    """Adam; fused: one pass over each weight tensor instead of a dozen (3x faster here)."""
     return torch.optim.Adam(parameters, lr=LR, fused=True)
 
 
@@ -109,16 +109,19 @@ class Ensemble(nn.Module):
     def __init__(self, encoders):
         super().__init__()
         layers = [[m for m in encoder if isinstance(m, nn.Linear)] for encoder in encoders]
-        self.weights = nn.ParameterList(torch.stack([member[i].weight.detach().T for member in layers])
-                                        for i in range(len(layers[0])))       # nn.Linear keeps W^T
-        self.biases = nn.ParameterList(torch.stack([member[i].bias.detach()[None] for member in layers])
-                                       for i in range(len(layers[0])))
+        weights, biases = [], []
+        for i in range(len(layers[0])):                 # layer i of every member
+            weights.append(torch.stack([member[i].weight.detach().T for member in layers]))
+            biases.append(torch.stack([member[i].bias.detach()[None] for member in layers]))
+        self.weights = nn.ParameterList(weights)        # W_l [E, in, out]: nn.Linear keeps W^T
+        self.biases = nn.ParameterList(biases)          # b_l [E, 1, out]
 
     def forward(self, x):               # x [E, ..., d] -> [E, ..., 64]
         h = x.flatten(1, -2)            # [E, N, d]: N inputs to each member
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             h = torch.baddbmm(bias, h, weight)
-            h = h.relu_() if i < len(self.weights) - 1 else h        # in place: one big tensor fewer
+            if i < len(self.weights) - 1:
+                h = h.relu_()           # in place: one big tensor fewer
         return h.view(*x.shape[:-1], -1)
 
 
@@ -138,14 +141,16 @@ def run(objectives, views, seeds, args):
     encoders = nn.ModuleList(Ensemble([make_encoder(args.dim, seed) for seed in seeds])
                              for _ in objectives).to(args.device)
     optimizer = make_optimizer(encoders.parameters())
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]   # seed s's batches, as alone
+    # generators[s] draws seed s's batches, as it would alone
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     # vmap(f)(z) is f(z[s]) for each seed s, stacked: one call of an objective for all its members.
-    loss_fns = [vmap(partial(LOSSES[objective], temperature=TEMPERATURE)) for objective in objectives]
+    loss_fns = [vmap(partial(LOSSES[o], temperature=TEMPERATURE)) for o in objectives]
     losses = torch.zeros(args.steps, len(objectives), len(seeds))
     for step in range(args.steps):
         x = torch.stack([sample_views(args.batch_size, views, args, g) for g in generators])
         x = x.to(args.device)           # [S, K, M, d]: x[s] is seed s's batch, for every objective
-        loss = torch.stack([loss_fn(encoder(x)) for encoder, loss_fn in zip(encoders, loss_fns)])  # [O, S]
+        per_objective = [loss_fn(encoder(x)) for encoder, loss_fn in zip(encoders, loss_fns)]
+        loss = torch.stack(per_objective)                                  # [O, S]
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         optimizer.step()
@@ -154,10 +159,11 @@ def run(objectives, views, seeds, args):
 
 
 def run_views(views, args):
-    """Every (objective, seed) run at one M: returns (M, losses [objectives, seeds, steps], seconds).
+    """Every (objective, seed) run at one M.
 
-    At M = 2 the five objectives are one function, SimCLR's NT-Xent (test_polyview.py checks it),
-    and each seed gives them the same encoder and batches: we train it once and report it five times.
+    Returns (M, losses [objectives, seeds, steps], seconds). At M = 2 the five objectives are
+    one function, SimCLR's NT-Xent (test_polyview.py checks it), and each seed gives them the
+    same encoder and batches: we train it once and report it five times.
     """
     torch.set_num_threads(1)            # in a worker process too: see main
     tic = time.time()
@@ -209,8 +215,9 @@ def plot(results, curves, args, path):
         band(axes[0], views, bounds, colors[objective])
         band(axes[1], views, truth - bounds, colors[objective], label=objective)
         band(axes[2], views, bounds / truth, colors[objective])
-        window = max(1, args.steps // 20)                                     # moving average
-        smooth = np.array([np.convolve(c, np.ones(window) / window, "valid") for c in curves[objective]])
+        window = max(1, args.steps // 20)
+        kernel = np.ones(window) / window                                     # moving average
+        smooth = np.array([np.convolve(c, kernel, "valid") for c in curves[objective]])
         band(axes[3], np.arange(window, args.steps + 1), smooth, colors[objective])
     axes[0].legend(loc="upper left", fontsize=8)
     titles = ("true MI, ceilings and bounds log C - L", "gap = true MI - bound",
@@ -236,10 +243,13 @@ def main(argv=None):
                         help="the grid of multiplicities M, views per sample")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per (objective, M)")
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps per run")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="K, unique samples per step")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help="K, unique samples per step")
     parser.add_argument("--dim", type=int, default=DIM, help="d, dimension of the data")
-    parser.add_argument("--signal", type=float, default=SIGNAL, help="variance s of the shared content")
-    parser.add_argument("--noise", type=float, default=NOISE, help="variance n of each view's noise")
+    parser.add_argument("--signal", type=float, default=SIGNAL,
+                        help="variance s of the shared content")
+    parser.add_argument("--noise", type=float, default=NOISE,
+                        help="variance n of each view's noise")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     args = parser.parse_args(argv)
     if min(args.views) < 2:
@@ -254,23 +264,26 @@ def main(argv=None):
         parser.error(f"--device {args.device} asked for, but CUDA is not available")
     args.views = sorted(set(args.views))
     args.out.mkdir(parents=True, exist_ok=True)
-    # One thread per process, one process per core (run_all). Measured, a step of the 15 encoders
-    # at M = 10: two threads take 61 ms instead of 84 on an idle machine, where a second process
-    # does another M in those 84 ms; and when another process holds a core, two OpenMP threads wait
-    # on each other at every op: 0.24-0.66 s instead of 0.09 s (200 steps of one encoder: 95 s vs 1.3 s).
+    # One thread per process, one process per core (run_all). Measured, a step of the 15
+    # encoders at M = 10: two threads take 61 ms instead of 84 on an idle machine, where a
+    # second process does another M in those 84 ms; and when another process holds a core,
+    # two OpenMP threads wait on each other at every op: 0.24-0.66 s instead of 0.09 s
+    # (200 steps of one encoder: 95 s vs 1.3 s).
     torch.set_num_threads(1)
 
     start = time.time()
-    tails, curves = {}, {}              # M -> final losses [objectives, seeds]; curves at the largest M
+    tails = {}                          # M -> final losses [objectives, seeds]
+    curves = {}                         # the loss curves at the largest M
     for M, losses, seconds in run_all(args):                   # losses [objectives, seeds, steps]
-        tails[M] = losses[..., -100:].mean(axis=-1)             # the tail mean smooths the batch noise
+        tails[M] = losses[..., -100:].mean(axis=-1)             # the tail mean smooths batch noise
         if M == args.views[-1]:
             curves = dict(zip(OBJECTIVES, losses))              # [seeds, steps] each
         truth = true_mi(args.dim, args.signal, args.noise, M)
         for objective, loss in zip(OBJECTIVES, tails[M]):
             bounds = mi_bound(objective, loss, args.batch_size, M)                 # [seeds]
-            print(f"{objective} M={M}: bound {bounds.mean():.2f} +- {bounds.std():.2f}, true {truth:.2f}, "
-                  f"gap {truth - bounds.mean():.2f} nats ({seconds:.1f} s)", flush=True)
+            mean, std = bounds.mean(), bounds.std()
+            print(f"{objective} M={M}: bound {mean:.2f} +- {std:.2f}, true {truth:.2f}, "
+                  f"gap {truth - mean:.2f} nats ({seconds:.1f} s)", flush=True)
 
     rows = ["objective,M,seed,K,true_mi,bound,loss"]
     results = {}                        # bounds [seeds, len(views)]
@@ -281,7 +294,8 @@ def main(argv=None):
             for seed, loss in enumerate(tails[M][o]):
                 bound = mi_bound(objective, loss, args.batch_size, M)
                 results[objective][seed, col] = bound
-                rows.append(f"{objective},{M},{seed},{args.batch_size},{truth:.6f},{bound:.6f},{loss:.6f}")
+                rows.append(f"{objective},{M},{seed},{args.batch_size},"
+                            f"{truth:.6f},{bound:.6f},{loss:.6f}")
     (args.out / "gaussian_mi.csv").write_text("\n".join(rows) + "\n")
     plot(results, curves, args, args.out / "gaussian_mi.png")
     truths = [true_mi(args.dim, args.signal, args.noise, M) for M in args.views]
@@ -290,7 +304,8 @@ def main(argv=None):
     print(f"{'true MI':>12}" + "".join(f"{t:>14.2f}" for t in truths))
     for objective in OBJECTIVES:
         means = results[objective].mean(axis=0)
-        print(f"{objective:>12}" + "".join(f"{b:>7.2f} /{t - b:>5.2f}" for b, t in zip(means, truths)))
+        cells = "".join(f"{b:>7.2f} /{t - b:>5.2f}" for b, t in zip(means, truths))
+        print(f"{objective:>12}" + cells)
     print(f"wrote {args.out / 'gaussian_mi.csv'} and {args.out / 'gaussian_mi.png'} "
           f"in {time.time() - start:.0f} s")
 

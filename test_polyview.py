@@ -340,9 +340,12 @@ def test_undecodable_images_are_skipped_with_a_warning_naming_each(tmp_path):
     assert len(broken) == 3
     dataset = polyview.SkipUndecodable(polyview.MultiView(folder, polyview.centre_crop(32, small_images=True), 1))
     for i in broken:
-        with pytest.warns(UserWarning, match=Path(folder.samples[i][0]).name):
-            views, label, skipped = dataset[i]
-        assert views.shape == (1, 3, 32, 32) and skipped >= 1
+        before = dataset.counts[0].clone()  # [skipped, read] in this (the main) process
+        with pytest.warns(UserWarning) as caught:  # all of them: the next file may be broken too
+            views, label = dataset[i]
+        assert Path(folder.samples[i][0]).name in str(caught[0].message)
+        skipped, read = (dataset.counts[0] - before).tolist()
+        assert views.shape == (1, 3, 32, 32) and skipped >= 1 and read == skipped + 1
         assert label == folder.samples[(i + skipped) % len(folder)][1]  # the next decodable image stands in
 
 
@@ -367,8 +370,8 @@ def test_any_decoding_error_is_skipped_not_only_oserror():
     errors = [SyntaxError("broken PNG file"), ValueError("bad mode"), Image.DecompressionBombError("too big"), None]
     dataset = polyview.SkipUndecodable(polyview.MultiView(Raises(errors), TV.Identity(), num_views=2))
     with pytest.warns(UserWarning) as caught:
-        views, label, skipped = dataset[0]
-    assert (label, skipped, views.shape) == (3, 3, (2, 3, 8, 8))
+        views, label = dataset[0]
+    assert (label, views.shape, dataset.counts[0].tolist()) == (3, (2, 3, 8, 8), [3, 4])  # skipped, read
     assert [str(w.message) for w in caught] == [f"skipping undecodable image #{i}: {type(e).__name__}: {e}"
                                                 for i, e in enumerate(errors[:3])]
     with pytest.warns(UserWarning), pytest.raises(polyview.UserError, match="none of the 3 images"):
@@ -453,7 +456,7 @@ def test_colour_jitter_replays_torchvision_view_by_view(images):
     torch.manual_seed(3)
     mine = polyview.colour_jitter(images, strength=1.0, p=0.8)
     torch.manual_seed(3)
-    factors = 0.2 + 1.6 * torch.rand(n, 4)
+    factors = 0.2 + 1.6 * torch.rand(n, 3)
     shift = 0.2 * (2 * torch.rand(n) - 1)
     order = torch.rand(n, 4).argsort(dim=1)
     chosen = torch.rand(n) < 0.8
@@ -686,7 +689,8 @@ def test_the_objective_gets_float32_embeddings_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(views)[0].dtype == torch.bfloat16
         loss, stats = polyview.step_loss(model, views, torch.tensor([0, 1, 2, 0]), spy_objective(seen), 0.1)
-    assert seen == [torch.float32] and loss.dtype == stats.dtype == torch.float32
+    assert seen == [torch.float32] and loss.dtype == torch.float32
+    assert all(value.dtype == torch.float32 for value in stats.values())
 
 
 def test_the_online_probe_leaves_every_other_gradient_as_it_was():
@@ -718,8 +722,8 @@ def test_a_training_step_under_cpu_bf16_autocast_takes_the_cuda_path(shapes, mon
     assert not scaler.is_enabled()  # bf16 has float32's range: no loss scaling
     views = torch.randint(0, 256, (4, 3, 3, 32, 32), dtype=torch.uint8)
     stats = step(model, optimizer, scaler, views, torch.tensor([0, 1, 2, 0]), args, torch.device("cpu"))
-    assert seen == [torch.float32] and stats.dtype == torch.float32 and torch.isfinite(stats).all()
-    assert 0 <= stats[1] <= 100 and 0 <= stats[2] <= 100
+    assert seen == [torch.float32] and all(v.dtype == torch.float32 and torch.isfinite(v) for v in stats.values())
+    assert 0 <= stats["contrastive_top1"] <= 100 and 0 <= stats["online_probe_top1"] <= 100
 
 
 def test_a_training_step_never_waits_for_the_device():
@@ -733,7 +737,8 @@ def test_a_training_step_never_waits_for_the_device():
     with FakeTensorMode(allow_non_fake_inputs=True):
         views = torch.randint(0, 256, (4, 3, 3, 32, 32), dtype=torch.uint8)
         stats = step(model, optimizer, scaler, views, torch.tensor([0, 1, 2, 0]), args, device)
-        assert stats.shape == (3,)
+        assert list(stats) == ["loss", "contrastive_top1", "online_probe_top1", "alignment", "uniformity"]
+        assert all(value.shape == () for value in stats.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,9 +757,15 @@ def test_a_training_step_never_waits_for_the_device():
     ("fp16", "cpu", None, "fp16"),
 ])
 def test_auto_precision_is_bf16_with_bf16_hardware_fp16_below_and_fp32_on_the_cpu(requested, device, capability,
-                                                                                  expected):
-    precision, why = polyview.choose_precision(requested, device, capability)
+                                                                                  expected, monkeypatch):
+    asked = []  # which GPU's capability parse_args asks for: this process's, LOCAL_RANK
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda gpu: asked.append(gpu) or capability)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    args = polyview.parse_args(["--device", device, "--precision", requested])
+    precision, why = args.precision, args.precision_reason
     assert precision == expected and why.startswith("auto" if requested == "auto" else "--precision")
+    assert asked == ([1] if requested == "auto" and device == "cuda" else [])
     if capability and requested == "auto":
         assert f"compute capability {capability[0]}.{capability[1]}" in why
 
@@ -793,7 +804,7 @@ def test_an_fp16_step_with_its_scaler_moves_the_weights_as_a_float32_step_does()
         args, model, optimizer, scaler, views, labels = fp16_setup(precision)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         stats = take_a_step(args, model, optimizer, scaler, views, labels)
-        assert torch.isfinite(stats).all() and scaler.is_enabled() == (precision == "fp16")
+        assert all(torch.isfinite(v) for v in stats.values()) and scaler.is_enabled() == (precision == "fp16")
         moved[precision] = {n: p.detach() - before[n] for n, p in model.named_parameters() if p.ndim > 1}
     errors = {precision: {n: ((moved[precision][n] - step).norm() / step.norm()).item()
                           for n, step in moved["fp32"].items()} for precision in ("fp16", "bf16")}
@@ -814,7 +825,7 @@ def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_the_scale_halved(m
     monkeypatch.setitem(polyview.LOSSES, args.loss, lambda z, tau, anchors=None: 1e30 * suffstats(z, tau))
     torch.manual_seed(1)
     stats = step(model, optimizer, scaler, views, labels, args, torch.device("cpu"))
-    assert torch.isfinite(stats).all()  # a normal step for the log: the run goes on
+    assert all(torch.isfinite(v) for v in stats.values())  # a normal step for the log: the run goes on
     assert scaler.get_scale() == scale / 2
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), weights[n]), n
@@ -849,6 +860,12 @@ def save(state, path):
     polyview.save(path, state)
 
 
+def a_checkpoint(args, classes):
+    """What polyview.py's checkpoint holds, with a model of one weight besides the online probe's."""
+    return {"args": args, "epoch": 1, "step": 7, "optimizer": {}, "scaler": {},
+            "model": {"weight": torch.arange(6.0), "online_probe.1.bias": torch.zeros(classes)}}
+
+
 def checkpoint_args(out):
     return torch.load(out / "checkpoint.pt", weights_only=True)["args"]
 
@@ -876,7 +893,11 @@ def test_each_objective_pretrains_and_probes_end_to_end(loss, shapes, tmp_path):
     assert checkpoint["args"]["supervised"] == loss.endswith("--supervised")
     probe = json.loads((tmp_path / "probe.json").read_text())
     assert set(probe) == {"protocol", "top1", "top5", "knn_top1", "online_val_top1_first_epoch",
-                          "online_val_top1_last_epoch"} and probe["protocol"].startswith("fast linear probe")
+                          "online_val_top1_last_epoch", "alignment", "uniformity", "effective_rank",
+                          "feature_width"} and probe["protocol"].startswith("fast linear probe")
+    assert (probe["alignment"], probe["uniformity"]) == (steps[-1]["alignment"], steps[-1]["uniformity"])
+    assert 0 <= probe["alignment"] <= 4 and -4 - 4 / 5 <= probe["uniformity"] <= 0  # K = 6
+    assert 1 <= probe["effective_rank"] <= probe["feature_width"] == 512 and 1 <= epoch_end["effective_rank"] <= 512
     assert probe["online_val_top1_first_epoch"] == probe["online_val_top1_last_epoch"] == epoch_end["online_val_top1"]
     assert 0 <= probe["top1"] <= 100 and 0 <= probe["knn_top1"] <= 100
     assert probe["top5"] is None  # 3 classes: a top-5 would be 100% whatever the features
@@ -895,7 +916,7 @@ def watched_run(shapes, tmp_path_factory):
     from matplotlib.figure import Figure
 
     out, clock, seen = tmp_path_factory.mktemp("watched"), [0.0], {"steps": [], "grids": [], "figures": {}}
-    train_step, online_val_top1, save_grid, savefig = (polyview.train_step, polyview.online_val_top1,
+    train_step, val_pass, save_grid, savefig = (polyview.train_step, polyview.val_pass,
                                                        polyview.save_grid, Figure.savefig)
 
     def timed_step(model, optimizer, scaler, views, labels, args):
@@ -905,7 +926,7 @@ def watched_run(shapes, tmp_path_factory):
 
     def slow_val_pass(*args):
         clock[0] += 1000.0
-        return online_val_top1(*args)
+        return val_pass(*args)
 
     def drawn(rows, path, frames=None):
         seen["grids"].append((Path(path).name, [[image.clone() for image in row] for row in rows]))
@@ -917,7 +938,7 @@ def watched_run(shapes, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(polyview, "train_step", timed_step)
-        patch.setattr(polyview, "online_val_top1", slow_val_pass)
+        patch.setattr(polyview, "val_pass", slow_val_pass)
         patch.setattr(polyview, "save_grid", drawn)
         patch.setattr(polyview, "time", argparse.Namespace(perf_counter=lambda: clock[0]))
         patch.setattr(Figure, "savefig", saved)
@@ -948,9 +969,12 @@ def test_views_png_shows_the_m_views_of_the_first_batch_as_the_model_gets_them(w
 def test_training_png_labels_step_under_the_bottom_row_and_percent_on_accuracies(watched_run):
     _, seen = watched_run
     axes = seen["figures"]["training.png"].axes
-    assert [ax.get_title() for ax in axes] == ["loss", "contrastive_top1", "online_probe_top1", "lr"]
-    assert [ax.get_xlabel() for ax in axes] == ["", "", "step", "step"]
-    assert [ax.get_ylabel() for ax in axes] == ["", "%", "%", ""]
+    assert [ax.get_title() for ax in axes] == [
+        "loss", "contrastive_top1", "online_probe_top1", "lr", "alignment (lower: views closer)",
+        "uniformity (lower: more spread out)", "effective_rank (higher: more dimensions used)", ""]
+    assert [ax.get_xlabel() for ax in axes] == ["", "", "", "", "step", "step", "step", ""]
+    assert [ax.get_ylabel() for ax in axes] == ["", "%", "%", "", "", "", "", ""]
+    assert not axes[-1].axison  # 7 panels in a 2 x 4 grid
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -1083,10 +1107,13 @@ def test_compare_puts_runs_side_by_side_on_relative_compute(runs, tmp_path):
     # run, loss, M, K, epochs, views seen (K x M x steps), last online val top-1, fast probe top-1, k-NN top-1
     assert suffstats[1:6] == ["suffstats", "3", "6", "2/2", "72"] and simclr[1:6] == ["simclr", "2", "6", "1/1", "24"]
     assert last["suffstats"]["views_seen"] == 4 * 6 * 3 and last["simclr"]["views_seen"] == 2 * 6 * 2
+    geometry = {name: [f"{probes[name][key]:.2f}" for key in ("alignment", "uniformity", "effective_rank")]
+                for name in ("suffstats", "simclr")}
     for row, name in ((suffstats, "suffstats"), (simclr, "simclr")):
         assert row[6:] == [f"{last[name]['online_val_top1']:.2f}", f"{probes[name]['top1']:.2f}",
-                           f"{probes[name]['knn_top1']:.2f}"]
-    assert probed[4:] == ["0/0", "0", "-", f"{probes['probed']['top1']:.2f}", f"{probes['probed']['knn_top1']:.2f}"]
+                           f"{probes[name]['knn_top1']:.2f}", *geometry[name]]
+    assert probed[4:] == ["0/0", "0", "-", f"{probes['probed']['top1']:.2f}", f"{probes['probed']['knn_top1']:.2f}",
+                          "-", "-", f"{probes['probed']['effective_rank']:.2f}"]  # no step: no alignment
 
 
 @pytest.mark.filterwarnings("ignore:No artists with labels")  # the patched plot draws nothing
@@ -1185,8 +1212,8 @@ def test_neighbours_png_shows_the_knns_own_neighbours_of_each_classs_first_val_i
     train_y, val_y = torch.arange(40) % classes, torch.randint(0, classes, (30,))
     _, neighbours = polyview.knn(train_x, train_y, val_x)
 
-    def item(n):  # as SkipUndecodable gives it: (views [1, 3, H, W] uint8, label, skipped)
-        return torch.full((1, 3, 8, 8), n, dtype=torch.uint8), 0, 0
+    def item(n):  # as SkipUndecodable gives it: (views [1, 3, H, W] uint8, label)
+        return torch.full((1, 3, 8, 8), n, dtype=torch.uint8), 0
     train_set, val_set = [item(n) for n in range(40)], [item(100 + n) for n in range(30)]
     grid, picked = polyview.save_neighbours_png(train_set, val_set, train_y, val_y, neighbours, tmp_path / "n.png")
     queries = [val_y.tolist().index(c) for c in sorted(set(val_y.tolist()))[:8]]  # each class's first val image
@@ -1229,7 +1256,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
 
 
 @pytest.mark.parametrize("bad_step, message", [
-    (3, "loss is nan at step 3 (epoch 1); stopping: {out}/checkpoint.pt (the last epoch finished) is kept as it was"),
+    (3, "loss is nan at step 3 (epoch 1); stopping: {out}/checkpoint.pt (epoch 1, step 2) is kept as it was"),
     (1, "loss is nan at step 1 (epoch 0); stopping: no checkpoint yet"),
 ])
 def test_a_non_finite_loss_stops_the_run_naming_the_step(bad_step, message, shapes, tmp_path, monkeypatch, capsys):
@@ -1386,7 +1413,7 @@ def test_a_folder_of_broken_images_stops_at_once_and_a_mostly_broken_one_after_r
 def test_resuming_with_other_settings_is_refused_naming_the_flag(shapes, tmp_path, capsys):
     flags = ["--loss", "geometric", "--views", "3", "--epochs", "2"]
     saved = vars(polyview.parse_args(tiny_run(shapes, tmp_path, *flags)[2:]))
-    save({"args": saved}, tmp_path / "checkpoint.pt")
+    save(a_checkpoint(saved, classes=3), tmp_path / "checkpoint.pt")
     for changed, message in [(["--epochs", "3"], "checkpoint.pt has --epochs 2, not 3: resume with --epochs 2, or"),
                              (["--arch", "resnet50"], "has --arch resnet18, not resnet50"),
                              (["--loss", "suffstats"], "has --loss geometric, not suffstats"),
@@ -1601,6 +1628,7 @@ def two_rank_worker(rank, world_size, folder, shapes):
 
     from datetime import timedelta
 
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))  # as torchrun sets them
     # A minute, not torch's half hour: a rank left waiting at a collective fails the test instead of hanging it.
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
@@ -1609,7 +1637,7 @@ def two_rank_worker(rank, world_size, folder, shapes):
     results = {}
     for name in [*MULTI_VIEW, "supervised"]:
         objective = LOSSES["supcon" if name == "supervised" else name]
-        extra = {"labels": polyview.GatherWithGrad.apply(LABELS[mine])} if name == "supervised" else {}
+        extra = {"labels": polyview.gather(LABELS[mine])} if name == "supervised" else {}
         # The gather alone: this rank's share of the loss sends its embeddings the gradient of
         # the sum of every rank's loss.
         z = tiny_views()[mine, :, 0, 0, :4].clone().requires_grad_()
@@ -1618,7 +1646,7 @@ def two_rank_worker(rank, world_size, folder, shapes):
         model = torch.nn.parallel.DistributedDataParallel(tiny_model())
         loss, stats = polyview.step_loss(model, tiny_views()[mine], LABELS[mine], objective, 0.5, name == "supervised")
         loss.backward()
-        results[name] = {"gather": z.grad, "params": [p.grad for p in model.parameters()]}
+        results[name] = {"gather": z.grad, "params": [p.grad for p in model.parameters()], "stats": stats}
     # The fast probe's features: each rank extracts its shard, rank 0 gathers them in order.
     torch.manual_seed(2)
     model = polyview.PolyViewNet("resnet18", small_images=True, classes=3)
@@ -1626,10 +1654,10 @@ def two_rank_worker(rank, world_size, folder, shapes):
     # Resuming: rank 0 sees a checkpoint, rank 1 (another machine, say) sees an empty folder.
     out = Path(folder) / ("run" if rank == 0 else "empty")
     args = polyview.parse_args(["--resume", "--epochs", "2", "--out", str(out)])
-    results["checkpoint"] = polyview.resume_point(args)
+    results["checkpoint"] = polyview.open_run_folder(args, 3)
     args.resume = False  # without --resume the checkpoint is refused, on every rank alike
     try:
-        polyview.resume_point(args)
+        polyview.open_run_folder(args, 3)
     except polyview.UserError as error:
         results["refused"] = str(error)
 
@@ -1663,8 +1691,7 @@ def two_rank_worker(rank, world_size, folder, shapes):
 @pytest.fixture(scope="module")
 def two_ranks(shapes, tmp_path_factory):
     folder = tmp_path_factory.mktemp("two_ranks")
-    checkpoint = {"args": vars(polyview.parse_args(["--epochs", "2"])), "epoch": 1, "step": 7,
-                  "model": {"weight": torch.arange(6.0)}}
+    checkpoint = a_checkpoint(vars(polyview.parse_args(["--epochs", "2"])), classes=3)
     (folder / "run").mkdir()
     save(checkpoint, folder / "run" / "checkpoint.pt")
     torch.multiprocessing.spawn(two_rank_worker, args=(2, str(folder), shapes), nprocs=2)
@@ -1679,9 +1706,13 @@ def test_two_processes_give_the_gradients_of_one(two_ranks):
         z = tiny_views()[:, :, 0, 0, :4].clone().requires_grad_()
         (grad_z,) = torch.autograd.grad(2 * objective(z, 0.5, **extra), z)  # the sum of the two ranks' means
         model = tiny_model()
-        polyview.step_loss(model, tiny_views(), LABELS, objective, 0.5, name == "supervised")[0].backward()
+        loss, stats = polyview.step_loss(model, tiny_views(), LABELS, objective, 0.5, name == "supervised")
+        loss.backward()
         full_params = [p.grad for p in model.parameters()]
         for rank, result in enumerate(ranks):
+            # alignment and uniformity come from all ranks' embeddings: each rank logs what one process would
+            for key in ("alignment", "uniformity"):
+                torch.testing.assert_close(result[name]["stats"][key], stats[key], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(result[name]["gather"], grad_z[rank * 4:(rank + 1) * 4], rtol=1e-10, atol=1e-12)
             for mine, single in zip(result[name]["params"], full_params, strict=True):
                 if single is None:  # the last BN's beta: frozen at 0, as in SimCLR
@@ -1701,6 +1732,9 @@ def test_two_processes_extract_the_features_of_one(two_ranks, shapes):
     gathered, gathered_labels = ranks[0]["bank"]
     assert torch.equal(gathered_labels, labels)
     torch.testing.assert_close(gathered, features, rtol=1e-5, atol=1e-6)  # row for row
+    # the effective rank at an epoch's end: rank 0's, of the gathered features, is one process's
+    assert polyview.effective_rank(gathered).item() == pytest.approx(polyview.effective_rank(features).item(),
+                                                                     rel=1e-5)
     assert ranks[1]["bank"] == (None, None)  # only rank 0 keeps the bank
 
 
