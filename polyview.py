@@ -29,23 +29,21 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 
-# =============================================================================================
-# Part I. The method. Every name is defined above its use, but for the calls into Part II,
-# each a single named line (make_datasets, Log, save, ...).
-# =============================================================================================
-
-# ---- 0. The recipe ----------------------------------------------------------------------------
-# SimCLR's settings (Chen et al., 2020) for the paper's headline run, each a flag (--batch-size)
-RECIPE = dict(  # name=(default, what it is and why): the flag's help; parse_args reads them
+# ======================================================================
+# Part I. The method; each name defined before use, but Part II's helpers (Log, save, ...)
+# ======================================================================
+# ---- 0. The recipe ---------------------------------------------------
+# SimCLR's settings (Chen et al., 2020) for the paper's run; parse_args makes them flags
+RECIPE = dict(  # name=(default, what it is and why)
     loss=("suffstats", "the objective (section 1)"),
     views=(8, "M views per image: the paper's Figures 3a and 5 (simclr: 2)"),
     batch_size=(256, "K images a step, over all GPUs: the paper's headline run"),
     epochs=(128, "the headline run's; 0 probes the backbone as it is"),
     arch=("resnet50", "the backbone"),
-    dataset=("imagenet", "imagenet and folder: DATA/train and DATA/val; fake: noise"),
+    dataset=("imagenet", "imagenet, folder: DATA/train, DATA/val; cifar10; fake"),
     data=("./data", "the dataset's folder, or where CIFAR is downloaded"),
     image_size=(224, "the crop's side (CIFAR: 32)"),
-    lr_scaling=("sqrt", "peak lr = lr sqrt(K), better at small K (SimCLR's B.1), or K/256"),
+    lr_scaling=("sqrt", "peak lr sqrt(K), better at small K (SimCLR's B.1), or lr K/256"),
     lr=(dict(sqrt=0.075, linear=0.3), "base lr, by --lr-scaling: 4.8 at K = 4096 both"),
     warmup_epochs=(10.0, "linear warm-up, at most a tenth of the run; then cosine"),
     temperature=(0.1, "tau, SimCLR's on ImageNet"),
@@ -53,7 +51,7 @@ RECIPE = dict(  # name=(default, what it is and why): the flag's help; parse_arg
     precision=("auto", "autocast: bf16 where GPUs have it, fp16 below, fp32 on CPUs"),
     device=("cuda" if torch.cuda.is_available() else "cpu", "cuda or cpu"),
     supervised=(False, "supcon only: every view of the anchor's class is a positive"),
-    weights=(None, "a state_dict to start the backbone from (backbone.pt, torchvision's)"),
+    weights=(None, "a state_dict for the backbone: backbone.pt, or torchvision's"),
     compile=(False, "torch.compile the backbone"),
     probe_epochs=(90, "the fast probe's epochs, 1,000 steps or more; 0: none"),
     workers=(8, "data-loading processes per GPU"),
@@ -61,18 +59,17 @@ RECIPE = dict(  # name=(default, what it is and why): the flag's help; parse_arg
     log_every=(50, "steps between log lines"),
     out=("runs/polyview", "the run folder"),
 )
-# SimCLR's CIFAR-10 recipe at 64 px or less; also PolyViewNet's stem, device_augment's colour
+# SimCLR's CIFAR-10 recipe at 64 px or less (and PolyViewNet's stem, device_augment's)
 SMALL_IMAGES = dict(batch_size=512, temperature=0.5, weight_decay=1e-4,
                     lr=dict(sqrt=2 / 512**0.5, linear=1.0))
 
-
-def rank():  # under torchrun (section 7), this process's number among world_size()
+def rank():  # under torchrun (section 7), this process's number of world_size()
     return int(os.environ.get("RANK", 0))
 
 def world_size():
     return int(os.environ.get("WORLD_SIZE", 1))
 
-# ---- 1. Objectives ----------------------------------------------------------------------------
+# ---- 1. Objectives ---------------------------------------------------
 # K samples i, j of M views a, b, g: z[i,a] is view a's L2-normalised embedding, and
 # s(ia, jg) = <z[i,a], z[j,g]> / tau. An objective maps z [K, M, D] to its mean over the
 # anchors (i, a), whose negatives are the M(K - 1) views of other samples:
@@ -128,7 +125,7 @@ def similarities(z, temperature, anchors=None):
         scaled = anchors_z / temperature  # 1 / tau, folded in once
         flat = scaled.flatten(0, 1) @ z.flatten(0, 1).T  # [A*M, K*M]
         sim = flat.view(len(anchors_z), M, K, M)  # [A, M, K, M]
-        # Own views by a small product: read from sim, they'd send a full-size gradient back
+        # Own views by a small product: out of sim, they'd take a full-size gradient
         own = torch.einsum("iad,ibd->iab", scaled, anchors_z)  # [A, M, M]
     samples = torch.arange(K, device=z.device)
     same_sample = samples[anchors, None] == samples  # [A, K]: j = i
@@ -138,7 +135,7 @@ def similarities(z, temperature, anchors=None):
     return anchors_z, sim, positives, log_negatives
 
 def simclr_loss(z, temperature, anchors=None):
-    """SimCLR's NT-Xent (Chen et al., 2020), z [K, 2, D]; the positive of (i, a) is b = 1 - a:
+    """SimCLR's NT-Xent (Chen et al., 2020), z [K, 2, D]; (i, a)'s positive is b = 1 - a:
 
         l[i,a] = -s(ia, ib) + log( exp s(ia, ib) + sum_{j != i, g} exp s(ia, jg) ),
         L = mean over i, a.
@@ -154,12 +151,11 @@ def multicrop_loss(z, temperature, anchors=None):
     """Multi-Crop (Caron et al., 2020): SimCLR over view pairs a != b, each against views a
     and b of the other samples only:
 
-        l[i,a,b] = -s(ia, ib) + log( exp s(ia, ib)
-                                     + sum_{j != i} [exp s(ia, ja) + exp s(ia, jb)] ),
+        l[i,a,b] = -s(ia, ib) + log( exp s(ia, ib) + sum_{j != i} [exp s(ia, ja) + exp s(ia, jb)] ),
         L = mean over i, a, b != a.
-    Family: SimCLR's, per pair; 1 : 2(K - 1), whatever M; log(2K - 1) - L bounds two views' MI."""
+    Family: SimCLR's, per pair; 1 : 2(K - 1) for any M; log(2K - 1) - L bounds a pair's MI."""
     _, sim, positives, _ = similarities(z, temperature, anchors)
-    per_view = sim.logsumexp(dim=2)  # [A, M, M]: log sum_{j != i} exp s(ia, jg), each g
+    per_view = sim.logsumexp(dim=2)  # [A, M, M]: log sum_{j != i} exp s(ia, jg)
     diagonal = per_view.diagonal(dim1=1, dim2=2)  # [A, M]: g = a
     views_a = diagonal[..., None].expand_as(positives)  # [A, M, M-1]
     views_b = without_diagonal(per_view)  # [A, M, M-1]: g = b
@@ -171,7 +167,7 @@ def geometric_loss(z, temperature, anchors=None):
 
         l[i,a,b] = -s(ia, ib) + log( exp s(ia, ib) + N[i,a] ),   p[i,a,b] = exp(-l[i,a,b]),
         L = mean over i, a, b != a of l[i,a,b]  (-log of the geometric mean of the p's).
-    Family: SimCLR's, per positive; 1 : M(K - 1); log(M(K - 1) + 1) - L bounds I(x_a; X_-a)."""
+    Family: SimCLR's per positive; 1 : M(K - 1); log(M(K - 1) + 1) - L bounds I(x_a; X_-a)."""
     _, _, positives, log_negatives = similarities(z, temperature, anchors)
     log_negatives = log_negatives[..., None]  # [A, M, 1]
     return (torch.logaddexp(positives, log_negatives) - positives).mean()
@@ -223,13 +219,13 @@ def supcon_loss(z, temperature, anchors=None, labels=None):
     K, M = z.shape[:2]
     if labels.shape != (K,):
         raise ValueError(f"labels must have shape [K] = [{K}], got {list(labels.shape)}")
-    samples = torch.arange(K, device=z.device)  # P: also all views of the anchor's label
+    samples = torch.arange(K, device=z.device)  # P: all views of its label
     anchors = slice(0, K) if anchors is None else anchors
     same_label = labels[anchors, None] == labels  # [A, K]
     other_sample = samples[anchors, None] != samples  # [A, K]
     theirs = (same_label & other_sample)[:, None, :, None]  # [A, 1, K, 1]
     own_views = positives.sum(dim=2)  # [A, M]
-    their_views = torch.where(theirs, sim, 0.0).sum(dim=(2, 3))  # [A, M]; 0 * -inf is nan
+    their_views = torch.where(theirs, sim, 0.0).sum(dim=(2, 3))  # [A, M]; not 0 * -inf
     count = (M - 1) + M * theirs.sum(dim=(2, 3))  # [A, 1]: |P|
     return (log_candidates - (own_views + their_views) / count).mean()
 
@@ -246,16 +242,16 @@ LOSSES = {"simclr": simclr_loss, "multicrop": multicrop_loss,
           "suffstats": suffstats_loss, "supcon": supcon_loss, "dcl": dcl_loss}
 
 
-# ---- 2. Views: SimCLR's augmentations. Crops and flips on the CPU, colour on the device ------
+# ---- 2. Views: crops and flips on the CPU, colour on the device -----
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, in the model
 
 def random_crop_and_flip(size):
-    """SimCLR's crop (area 0.08-1, aspect 3/4-4/3) and flip (p = 0.5), on the CPU workers."""
+    """SimCLR's crop (area 0.08-1, aspect 3/4-4/3) and flip (p = 0.5), on CPU workers."""
     crop = v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
     return v2.Compose([crop, v2.RandomHorizontalFlip(), v2.ToImage()])
 
 def centre_crop(size, small_images):
-    """The probes' view: the centre of the short side resized to 8/7 of the crop (or 1)."""
+    """The probes' view: the centre, short side resized to 8/7 of it (small images: 1)."""
     resize = v2.Resize(size if small_images else size * 8 // 7)
     return v2.Compose([resize, v2.CenterCrop(size), v2.ToImage()])
 
@@ -269,8 +265,7 @@ class MultiView(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image, label = self.dataset[index]
-        views = [self.transform(image) for _ in range(self.num_views)]
-        return torch.stack(views), label
+        return torch.stack([self.transform(image) for _ in range(self.num_views)]), label
 
 # Colour: drawn on the device for a batch [N, 3, H, W] in [0, 1], a draw a tensor [N] (on
 # the CPU it costs more than the decode). The pixel arithmetic is Part II's "Views, fast".
@@ -310,16 +305,15 @@ def device_augment(crops, small_images):
         x = random_blur(x, kernel_size=int(0.1 * x.shape[-1]) // 2 * 2 + 1)
     return x.view(crops.shape)
 
-# ---- 3. Model ---------------------------------------------------------------------------------
+# ---- 3. Model --------------------------------------------------------
 class PolyViewNet(nn.Module):
     """A torchvision ResNet without classifier: the features the probes see (width 2048,
     or 512 for a ResNet-18); then SimCLR's projector, Linear - BN - ReLU - Linear - BN: z.
     As in SimCLR's code, an online probe classifies the features behind a stop-gradient."""
     def __init__(self, arch="resnet50", small_images=False, classes=1000, dim=128):
         super().__init__()
-        resnet = getattr(torchvision.models, arch)
-        self.backbone = resnet(zero_init_residual=True)  # blocks' last BNs at 0, as SimCLR
-        if small_images:  # 32x32 inputs keep their resolution, as in SimCLR's CIFAR models
+        self.backbone = getattr(torchvision.models, arch)(zero_init_residual=True)
+        if small_images:  # 32x32 inputs keep their size, as in SimCLR's CIFAR models
             self.backbone.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
             self.backbone.maxpool = nn.Identity()
         width = self.backbone.fc.in_features
@@ -348,14 +342,13 @@ def mixed_precision(device, precision):
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype, enabled=precision != "fp32")
 
-# ---- 4. What to watch: the embeddings' geometry, the online probe, the fast probe -----------
+# ---- 4. What to watch: the embeddings' geometry, the probes --------
 @torch.no_grad()
 def contrastive_top1(z, temperature, anchors=None):
     """Percent of pairs (ia, ib), b != a, with s(ia, ib) > max_{j != i, g} s(ia, jg): the
     same for every objective, so runs compare. A loss can flatten while this climbs."""
     _, sim, positives, _ = similarities(z, temperature, anchors)
-    hardest = sim.amax(dim=(2, 3))[..., None]  # [A, M, 1]
-    return (positives > hardest).float().mean() * 100
+    return (positives > sim.amax(dim=(2, 3))[..., None]).float().mean() * 100
 
 @torch.no_grad()
 def alignment(z):
@@ -368,9 +361,9 @@ def alignment(z):
 @torch.no_grad()
 def uniformity(z):
     """How evenly images spread over the sphere (Wang and Isola, ICML 2020): the mean over
-    views a of log mean_{i != j} exp(-2 ||z[i,a] - z[j,a]||^2); lower: wider. By Jensen it is
-    at least -4 - 4 / (K - 1): about -4 for large K."""
-    z = F.normalize(z.double(), dim=-1).transpose(0, 1)  # [M, K, D], float64 under autocast
+    views a of log mean_{i != j} exp(-2 ||z[i,a] - z[j,a]||^2); lower: wider. By Jensen,
+    at least -4 - 4 / (K - 1): -4 for large K."""
+    z = F.normalize(z.double(), dim=-1).transpose(0, 1)  # [M, K, D], float64
     K = z.shape[1]
     distances = 2 - 2 * z @ z.transpose(1, 2)  # [M, K, K]
     pairs = without_diagonal(-2 * distances).flatten(1)  # [M, K(K-1)]: i != j
@@ -388,7 +381,7 @@ def effective_rank(features):
 def extract_features(model, dataset, device, args):
     """(features [N, width], labels [N]) of centre crops, eval mode, on rank 0 (else None,
     None): each rank extracts its shard."""
-    rows = math.ceil(len(dataset) / world_size())  # a shard a rank; the last one padded
+    rows = math.ceil(len(dataset) / world_size())  # per rank; the last one padded
     first = rank() * rows
     mine = torch.utils.data.Subset(dataset, range(first, min(first + rows, len(dataset))))
     loader = torch.utils.data.DataLoader(mine, 256, num_workers=args.workers,
@@ -418,7 +411,7 @@ def val_pass(model, dataset, device, args):
 def knn(train_x, train_y, val_x, k=20, temperature=0.07):
     """The k-NN probe (Wu et al., 2018): a val image's k most cosine-similar train images
     vote exp(similarity / 0.07) each. Returns predictions and neighbours [N_val, k]."""
-    train_norms = train_x.norm(dim=1).clamp_min(1e-12)  # cosine without a normalised copy
+    train_norms = train_x.norm(dim=1).clamp_min(1e-12)  # no normalised copy
     predictions, neighbours = [], []
     for queries in F.normalize(val_x, dim=1).split(256):  # [B, width]
         similarity = queries @ train_x.T  # [B, N]
@@ -476,7 +469,7 @@ def fast_probe(model, train_set, val_set, args, device):
             **linear_probe(train_x, train_y, val_x, val_y, args.probe_epochs, device),
             "knn_top1": (predictions == val_y).float().mean().item() * 100, **geometry}
 
-# ---- 5. One training step: every process's embeddings are every process's negatives -------
+# ---- 5. One training step, with all processes' negatives ------------
 def gather(x):
     """All ranks' x [n, ...] -> [world_size() * n, ...], in rank order."""
     parts = [torch.empty_like(x) for _ in range(world_size())]
@@ -505,11 +498,11 @@ def step_loss(model, views, labels, objective, temperature, supervised=False):
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     n, M = views.shape[:2]
     anchors = slice(rank() * n, (rank() + 1) * n)  # this rank's images among all K
-    if dist.is_initialized():  # all ranks' z [K, M, D], K = n world_size(), and labels [K]
+    if dist.is_initialized():  # all ranks' z [K, M, D] and labels [K]
         z, labels = GatherWithGrad.apply(z), gather(labels)
     supervision = {"labels": labels} if supervised else {}
     loss = objective(z, temperature, anchors, **supervision)
-    view_labels = labels[anchors].repeat_interleave(M)  # [n*M]: view (i, a) has i's label
+    view_labels = labels[anchors].repeat_interleave(M)  # [n*M]: i's, for its views
     probe_loss = F.cross_entropy(logits, view_labels)
     probe_hits = logits.detach().argmax(dim=1) == view_labels
     stats = {"loss": loss.detach(), "contrastive_top1": contrastive_top1(z, temperature, anchors),
@@ -530,7 +523,7 @@ def train_step(model, optimizer, scaler, views, labels, args):
     scaler.update()
     return stats
 
-# ---- 6. Optimiser and schedule ----------------------------------------------------------------
+# ---- 6. Optimiser and schedule ---------------------------------------
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a trust ratio per layer (You et al., 2017), the rate inside the
     momentum as in SimCLR's code (a new rate scales new gradients, not the velocity):
@@ -572,7 +565,7 @@ def peak_learning_rate(args):
     scale = math.sqrt(args.batch_size) if args.lr_scaling == "sqrt" else args.batch_size / 256
     return args.lr * scale
 
-# ---- 7. The run -------------------------------------------------------------------------------
+# ---- 7. The run ------------------------------------------------------
 STREAMS = ("views", "order", "weights", "probe")  # a run's random streams
 
 def stream_seed(stream, seed, rank=0, epoch=0):
@@ -593,7 +586,7 @@ def start_processes(args):
 
 def build_model(args, classes, device, lr, checkpoint=None):
     """(model to call, plain module, LARS, fp16's loss scaler), from a checkpoint if any."""
-    torch.manual_seed(stream_seed("weights", args.seed))  # the same weights on every rank
+    torch.manual_seed(stream_seed("weights", args.seed))  # the same on every rank
     model = PolyViewNet(args.arch, args.small_images, classes)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
@@ -604,7 +597,7 @@ def build_model(args, classes, device, lr, checkpoint=None):
     if dist.is_initialized() and cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
-    # The online probe: LARS and the schedule, without decay or trust ratio, as SimCLR's.
+    # The online probe: LARS without decay or trust ratio, as in SimCLR's code.
     probe = list(model.online_probe.parameters())
     contrastive = [p for p in model.parameters() if all(p is not q for q in probe)]
     groups = [{"params": contrastive}, {"params": probe, "adapt": False}]
@@ -612,11 +605,11 @@ def build_model(args, classes, device, lr, checkpoint=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"] or scaler.state_dict())  # {}: not fp16
+        scaler.load_state_dict(checkpoint["scaler"] or scaler.state_dict())  # {}: no fp16
     raw_model = model
     if args.compile:
         model.backbone.compile()  # in place: the state_dict's keys stay as they are
-    if dist.is_initialized():  # SyncBN keeps BN statistics equal: no buffers to broadcast
+    if dist.is_initialized():  # with SyncBN, no BN buffers to broadcast
         model = DistributedDataParallel(model, [device.index] if cuda else None,
                                         broadcast_buffers=False)
     return model, raw_model, optimizer, scaler
@@ -625,7 +618,7 @@ def train(args):
     """Pre-train with the objective, watching the online probe; then the fast probe."""
     device = start_processes(args)
     pretrain_set, probe_train_set, probe_val_set, classes = make_datasets(args)
-    checkpoint = open_run_folder(args, classes)  # None, or the last epoch's, to go on from
+    checkpoint = open_run_folder(args, classes)  # None, or the last epoch's
     sampler = torch.utils.data.DistributedSampler(pretrain_set, world_size(), rank(),
                                                   drop_last=True)
     loader = torch.utils.data.DataLoader(
@@ -637,19 +630,18 @@ def train(args):
     model, raw_model, optimizer, scaler = build_model(args, classes, device, peak_lr, checkpoint)
     first_epoch = checkpoint["epoch"] if checkpoint else 0
     step = first_step = checkpoint["step"] if checkpoint else 0
-    log = Log(args, pretrain_set, len(loader), checkpoint)  # the start line, then numbers
+    log = Log(args, pretrain_set, len(loader), checkpoint)  # prints the start line
     for epoch in range(first_epoch, args.epochs):
         model.train()
         # Seeded by epoch: a resumed run draws the views and order it would have drawn.
         sampler.seed = stream_seed("order", args.seed, 0, epoch)
         torch.manual_seed(stream_seed("views", args.seed, rank(), epoch))
-        for crops, labels in log.timed(loader):  # [n, M, 3, H, W] uint8, [n]; n = K / world
+        for crops, labels in log.timed(loader):  # [n, M, 3, H, W] uint8, [n]
             crops = crops.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             views = device_augment(crops, args.small_images)  # float [n, M, 3, H, W]
             if step == first_step:  # what the model sees: the M views of 4 images
-                rows = [list(image_views) for image_views in views[:4]]
-                save_grid(rows, Path(args.out) / "views.png")
+                save_grid([list(v) for v in views[:4]], Path(args.out) / "views.png")
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -661,7 +653,7 @@ def train(args):
                  "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
                  "args": vars(args)}
         save(Path(args.out) / "checkpoint.pt", state)
-    # The backbone alone, in torchvision's keys (no fc): it loads into torchvision's ResNet.
+    # The backbone alone, in torchvision's keys (no fc), for torchvision's ResNet
     backbone = raw_model.backbone.state_dict()
     save(Path(args.out) / "backbone.pt", {k: v.cpu().contiguous() for k, v in backbone.items()})
     probe = fast_probe(raw_model, probe_train_set, probe_val_set, args, device)
@@ -670,12 +662,10 @@ def train(args):
         dist.destroy_process_group()
 
 
-# =============================================================================================
-# Part II. Running it for real: flags, one-line errors, the data's guards, views fast, the
-# run folder, pictures, benchmark, main.
-# =============================================================================================
-def parse_args(argv=None):
-    """RECIPE's flags and SMALL_IMAGES', checked before any data or GPU is touched."""
+# ======================================================================
+# Part II. Running it for real: flags, errors, the data's guards, views fast, the run folder...
+# ======================================================================
+def parse_args(argv=None):  # RECIPE's flags, checked before any data or GPU is touched
     p = argparse.ArgumentParser(description="Poly-view contrastive pre-training, then a fast probe")
     choices = dict(loss=list(LOSSES), arch=["resnet50", "resnet18"], lr_scaling=["sqrt", "linear"],
                    dataset=["imagenet", "folder", "cifar10", "cifar100", "fake"],
@@ -758,9 +748,8 @@ def stop(signum, frame):  # SIGINT, SIGTERM: a KeyboardInterrupt (data workers e
 def out_of_memory(args, error):  # where CUDA ran out of memory (off the traceback), the way out
     where = {frame.name for frame in traceback.extract_tb(error.__traceback__)}
     if "fast_probe" in where:
-        return ("in the fast probe (rank 0 holds every training feature): rerun with --resume on "
-                "a GPU with more memory, or with --device cpu; a finished run goes straight to "
-                "its probe")
+        return ("in the fast probe (rank 0 holds all features): rerun with --resume on a GPU with "
+                "more memory, or with --device cpu; a finished run goes straight to its probe")
     if "val_pass" in where:
         return f"in the online probe's val pass: lower --batch-size; {checkpoint_kept(args.out)}"
     n = args.batch_size // world_size()
@@ -768,9 +757,8 @@ def out_of_memory(args, error):  # where CUDA ran out of memory (off the traceba
             f"{args.image_size} px): run on more GPUs under torchrun, or lower --batch-size "
             "(half the batch: lr / 1.41, by the square-root rule)")
 
-# ---- The data and its guards -----------------------------------------------------------------
-def make_datasets(args):
-    """(pre-training set of M-view items, probe train and val sets of centre crops, classes)."""
+# ---- The data and its guards -----------------------------------------
+def make_datasets(args):  # pre-training set of M views, probes' train and val sets, classes
     decode = v2.ToImage()  # once per image: PIL -> uint8 [3, H, W], cropped twice as fast
     if args.dataset == "fake":  # noise of 10 classes, for the benchmark; val apart from train
         shape, n = (3, args.image_size, args.image_size), args.batch_size
@@ -811,8 +799,7 @@ class SkipUndecodable(torch.utils.data.Dataset):
         root = getattr(self.folder, "root", "it")
         raise UserError(f"none of the {len(self)} images in {root} could be decoded")
 
-def read_dataset(args, decode):
-    """(train, val), on every process; val takes train's class numbers, by name."""
+def read_dataset(args, decode):  # (train, val) on every process; val's classes numbered as train's
     root, cifar = Path(args.data), args.dataset.startswith("cifar")
 
     def read(download=False):
@@ -845,8 +832,7 @@ def read_dataset(args, decode):
     downloaded = agree(lambda: read(download=True) if first else None)
     return agree(lambda: downloaded or read())
 
-def gather_to_rank_0(features, labels, total):
-    """Every rank's rows on rank 0, in order, less the padding past total (else None, None)."""
+def gather_to_rank_0(features, labels, total):  # all ranks' rows on rank 0, in order, unpadded
     if world_size() == 1:
         return features[:total], labels[:total]
     banks = [x.new_empty(world_size(), *x.shape) if rank() == 0 else None
@@ -855,7 +841,7 @@ def gather_to_rank_0(features, labels, total):
         dist.gather(x, list(bank.unbind()) if rank() == 0 else None)
     return tuple(bank.flatten(0, 1)[:total] for bank in banks) if rank() == 0 else (None, None)
 
-# ---- Views, fast: SimCLR's colour ops on a whole batch, each equal to torchvision's (tested) --
+# ---- Views, fast: colour ops on a batch, equal to torchvision's -----
 # Each view has its own parameters, a tensor [N]; torch.where replaces ifs: no wait for the GPU.
 def luma(images):
     """ITU-R 601-2 luma, Y = 0.2989 R + 0.587 G + 0.114 B: [N, 3, H, W] -> [N, 1, H, W]."""
@@ -916,7 +902,7 @@ def gaussian_blur(images, kernel_size, sigma):
         out = F.conv2d(out, kernel.view(n * c, 1, -1, 1), groups=n * c)  # [1, N*3, H, W]
     return out.view(n, c, height, width)
 
-# ---- The run folder: --weights, checkpoints, resume, the log --------------------------------
+# ---- The run folder: --weights, checkpoints, resume, the log ---------
 def load_weights(args, backbone):  # on every process: a backbone.pt, or torchvision's file
     def load():
         try:  # weights_only: never run pickled code
@@ -931,8 +917,7 @@ def load_weights(args, backbone):  # on every process: a backbone.pt, or torchvi
                             + details[:300] + "..." * (len(details) > 300))
     agree(load)
 
-def save(path, state):
-    """By rank 0: state, or a string, to a temporary file, flushed, renamed over path (atomic)."""
+def save(path, state):  # by rank 0: to a temporary file, flushed, renamed over path (atomic)
     if rank() > 0:
         return
     temporary = path.with_name(path.name + ".tmp")
@@ -948,8 +933,7 @@ def save(path, state):
     finally:
         temporary.unlink(missing_ok=True)
 
-def open_run_folder(args, classes):
-    """Makes --out, or opens it: rank 0's checkpoint to go on from (or None), on every process."""
+def open_run_folder(args, classes):  # makes --out, or opens it: rank 0's checkpoint, or None
     path = Path(args.out) / "checkpoint.pt"
 
     def load():
@@ -958,7 +942,7 @@ def open_run_folder(args, classes):
         try:
             Path(args.out).mkdir(parents=True, exist_ok=True)
         except OSError as error:  # a file there, say
-            raise UserError(f"--out {args.out} cannot be a run folder: {error.strerror}") from None
+            raise UserError(f"--out {args.out} cannot be a folder ({error.strerror})") from None
         if not path.exists():
             return None
         if not args.resume:
@@ -969,7 +953,7 @@ def open_run_folder(args, classes):
             if not {"optimizer", "scaler", "epoch", "step"} <= set(checkpoint):
                 raise KeyError("no optimizer, scaler, epoch or step")
         except Exception as error:  # cut short, a full disk's, or not this program's
-            why = f"{type(error).__name__}: {str(error)[:100]}"
+            why = f"{type(error).__name__}: {str(error).split('. ')[0][:80]}"
             raise UserError(f"{path} cannot be read as a checkpoint of polyview.py ({why}): "
                             "move it aside to start afresh") from None
         for key in ("arch", "loss", "supervised", "views", "batch_size", "dataset", "image_size",
@@ -998,14 +982,12 @@ def checkpoint_kept(out, way_on=""):  # for a message that stops a run
 def read_metrics(path):  # less a last line cut short by a crash (it cannot end in '}')
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
-class Log:
-    """OUT/metrics.jsonl, printed: means over steps and ranks, on a clock paused between epochs."""
+class Log:  # OUT/metrics.jsonl, printed: means over steps and ranks; a clock paused between epochs
     def __init__(self, args, dataset, steps, checkpoint):  # steps per epoch
         self.args, self.dataset, self.enough = args, dataset, min(1000, len(dataset))
         self.path, self.total_steps = Path(args.out) / "metrics.jsonl", args.epochs * steps
-        self.views_per_step = args.batch_size * args.views
-        self.window, self.waited, self.tick = [], 0.0, time.perf_counter()
-        self.asked = self.tick
+        self.views_per_step, self.window, self.waited = args.batch_size * args.views, [], 0.0
+        self.tick = self.asked = time.perf_counter()
         if rank() == 0:
             save(self.path.with_name("args.json"), json.dumps(vars(args), indent=1))
             if not checkpoint and self.path.exists():  # a run here that made no checkpoint
@@ -1015,8 +997,7 @@ class Log:
             save(self.path, "".join(kept))
             print(f"{args.loss}: K={args.batch_size} images x M={args.views} views per step on "
                   f"{world_size()} x {args.device} in {args.precision} ({args.precision_reason}), "
-                  f"{args.arch}, {steps} steps/epoch, peak lr "
-                  f"{peak_learning_rate(args):.3g}")
+                  f"{args.arch}, {steps} steps/epoch, peak lr {peak_learning_rate(args):.3g}")
 
     def timed(self, loader):  # the loader's batches, on the log's clock
         for n, batch in enumerate(loader):
@@ -1070,9 +1051,8 @@ class Log:
             print("  ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                             for key, value in record.items()), flush=True)
 
-# ---- Pictures, --compare and the benchmark ---------------------------------------------------
-def report(args, probe):
-    """By rank 0: probe.json, its numbers printed, and training.png."""
+# ---- Pictures, --compare and the benchmark ---------------------------
+def report(args, probe):  # by rank 0: probe.json, its numbers printed, and training.png
     if rank() > 0:
         return
     from matplotlib.figure import Figure  # no pyplot: no display, no global state
@@ -1087,24 +1067,23 @@ def report(args, probe):
     print("probe.json:", ", ".join(numbers) or "-", "(top1, top5, knn_top1: the fast linear probe, "
           "not SimCLR's linear evaluation)" if probe else "")
     save(Path(args.out) / "probe.json", json.dumps(result) + "\n")
-    better = dict(alignment="lower: views closer", uniformity="lower: more spread out",
-                  effective_rank="higher: more dimensions used")
     axes = Figure(figsize=(14, 6)).subplots(2, 4, sharex=True)
-    for ax, key in zip(axes.flat, ["loss", "contrastive_top1", "online_probe_top1", "lr",
-                                   "alignment", "uniformity", "effective_rank"]):
+    titles = ["loss", "contrastive_top1", "online_probe_top1", "lr", "alignment (lower is better)",
+              "uniformity (lower is better)", "effective_rank (higher is better)"]
+    for ax, title in zip(axes.flat, titles):
+        key = title.split()[0]
         points = [r for r in records if key in r]
         ax.plot([r["step"] for r in points], [r[key] for r in points],
                 "o-" if key == "effective_rank" else "-", label="training views")
-        ax.set(title=f"{key} ({better[key]})" if key in better else key,
-               ylabel="%" if "top1" in key else None, xlabel="step" if ax in axes[1] else None)
+        ax.set(title=title, ylabel="%" if "top1" in key else None,
+               xlabel="step" if ax in axes[1] else None)
     axes[0, 2].plot([r["step"] for r in ends], top1[:len(ends)], "o-", label="val, epoch end")
     axes[0, 2].legend()
     axes[1, 3].axis("off")
     axes[0, 0].figure.tight_layout()
     axes[0, 0].figure.savefig(Path(args.out) / "training.png", dpi=100)
 
-def save_grid(rows, path, frames=None):
-    """By rank 0: rows of images [3, H, W] in [0, 1] into a PNG, framed in RGB `frames`."""
+def save_grid(rows, path, frames=None):  # by rank 0: rows of images [3, H, W], framed, to a PNG
     if rank() > 0:
         return None
     columns, cells = max(len(row) for row in rows), []
@@ -1128,8 +1107,7 @@ def save_neighbours_png(train_set, val_set, train_labels, val_labels, neighbours
                              for j in nearest] for query, *nearest in picked]
     return save_grid(rows, path, frames), picked
 
-def compare(args):
-    """compare.png, val top-1 against compute (as the paper's Figure 3), and a table of runs."""
+def compare(args):  # compare.png: val top-1 against compute, as the paper's Figure 3; a table
     from matplotlib.figure import Figure
     from matplotlib.ticker import LogFormatter
     ax = Figure(figsize=(7, 4)).subplots()
@@ -1147,8 +1125,7 @@ def compare(args):
         if ends:  # an epoch shows the model M views of every image, a SimCLR epoch 2
             ax.plot([M * (r["epoch"] + 1) / 2 for r in ends], top1, "o-",
                     label=f"{run.name}: {settings['loss']}, M={M}, K={K}")
-        probe_file = run / "probe.json"
-        probe = json.loads(probe_file.read_text()) if probe_file.exists() else {}
+        probe = json.loads(p.read_text()) if (p := run / "probe.json").exists() else {}
         numbers = [top1[-1] if top1 else None] + [probe.get(key) for key in (
             "top1", "knn_top1", "alignment", "uniformity", "effective_rank")]
         rows.append((run, settings["loss"], M, K, f"{len(ends)}/{settings['epochs']}",
@@ -1167,8 +1144,7 @@ def compare(args):
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
     print("wrote compare.png")
 
-def benchmark(args):
-    """Views/s of the training step (device colour ops included); on CUDA, memory per view."""
+def benchmark(args):  # views/s of the training step, colour ops included; on CUDA, memory/view
     device = start_processes(args)
     pretrain_set, _, _, classes = make_datasets(args)
     model, _, optimizer, scaler = build_model(args, classes, device, lr=1e-4)
@@ -1186,8 +1162,7 @@ def benchmark(args):
           f"{args.precision} ({args.precision_reason}): {views_per_step / best:.1f} views/s"
           + (f", peak memory per view {memory:.1f} MiB" if memory else ""))
 
-def main(argv=None):
-    """A fault ends in one line: exit 2, or 128 + the signal's number (Ctrl-C 130, SIGTERM 143)."""
+def main(argv=None):  # a fault ends in one line: exit 2, or 128 + signal (Ctrl-C 130, SIGTERM 143)
     args, previous = None, {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         args = parse_args(argv)
@@ -1200,9 +1175,9 @@ def main(argv=None):
         except RuntimeError as error:  # a data-loading worker killed, by a full /dev/shm, say
             if "DataLoader worker" not in str(error):
                 raise
-            raise UserError(f"{str(error).splitlines()[0].rstrip('.')}. In a container, give it "
-                            "shared memory (docker run --ipc=host, or --shm-size=16g), or lower "
-                            "--workers.") from None
+            first = str(error).splitlines()[0].rstrip(".")
+            raise UserError(f"{first}. In a container, give it shared memory (docker run --ipc=host"
+                            ", or --shm-size=16g), or lower --workers.") from None
     except UserError as error:
         if error.everywhere and rank() > 0:  # rank 0 prints it; were this rank to end first,
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun could stop rank 0 mid-line:

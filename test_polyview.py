@@ -833,6 +833,73 @@ def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_the_scale_halved(m
             assert torch.equal(optimizer.state[p]["velocity"], velocity[n]), n
 
 
+# ----------------------------------------------------------------------------------------------
+# What the features learned: alignment, uniformity and effective rank, against their definitions
+# ----------------------------------------------------------------------------------------------
+
+
+def naive_alignment(z):
+    """Mean over samples i and view pairs a != b of ||z_ia - z_ib||^2, z L2-normalised: a loop."""
+    z, total, pairs = F.normalize(z.double(), dim=-1), 0.0, 0
+    for i in range(z.shape[0]):
+        for a in range(z.shape[1]):
+            for b in range(z.shape[1]):
+                if a != b:
+                    total, pairs = total + float(((z[i, a] - z[i, b]) ** 2).sum()), pairs + 1
+    return total / pairs
+
+
+def naive_uniformity(z):
+    """For each view index a, log of the mean over i != j of exp(-2 ||z_ia - z_ja||^2); their mean."""
+    z, per_view = F.normalize(z.double(), dim=-1), []
+    for a in range(z.shape[1]):
+        terms = [math.exp(-2 * float(((z[i, a] - z[j, a]) ** 2).sum()))
+                 for i in range(z.shape[0]) for j in range(z.shape[0]) if i != j]
+        per_view.append(math.log(sum(terms) / len(terms)))
+    return sum(per_view) / len(per_view)
+
+
+def naive_effective_rank(features):
+    """RankMe: exp of the entropy of p_k = sigma_k / sum sigma + 1e-7 over numpy's singular values."""
+    sigma = np.linalg.svd(features.double().numpy(), compute_uv=False)
+    p = [s / sigma.sum() + 1e-7 for s in sigma]
+    return math.exp(-sum(q * math.log(q) for q in p))
+
+
+@pytest.mark.parametrize("K, M, D", [(2, 2, 3), (7, 3, 16), (12, 8, 5)])
+def test_alignment_uniformity_and_effective_rank_match_their_definitions(K, M, D):
+    torch.manual_seed(K * M * D)
+    z = torch.randn(K, M, D, dtype=torch.float64)
+    assert polyview.alignment(z).item() == pytest.approx(naive_alignment(z), rel=1e-6)
+    assert polyview.uniformity(z).item() == pytest.approx(naive_uniformity(z), rel=1e-6)
+    features = torch.randn(K * M, D) @ torch.randn(D, D)  # correlated: singular values differ
+    assert polyview.effective_rank(features).item() == pytest.approx(naive_effective_rank(features), rel=1e-4)
+
+
+def test_the_measures_known_cases():
+    torch.manual_seed(0)
+    z = torch.randn(64, 1, 32).expand(64, 4, 32)  # the 4 views of each image coincide
+    assert polyview.alignment(z).item() == pytest.approx(0.0, abs=1e-6)
+    u = torch.randn(64, 1, 32)
+    assert polyview.alignment(torch.cat([u, -u], dim=1)).item() == pytest.approx(4.0)  # antipodal views
+    # Points drawn uniformly on the sphere approach the bound -4 (here D = 128: -4 + 8 / D in expectation)
+    # and never go below Jensen's -4 - 4 / (K - 1); all on one point is the worst, 0.
+    spread = polyview.uniformity(torch.randn(2048, 2, 128)).item()
+    assert -4 - 4 / 2047 <= spread < -3.85
+    assert polyview.uniformity(torch.ones(16, 2, 8)).item() == pytest.approx(0.0, abs=1e-6)
+    assert polyview.effective_rank(torch.randn(4096, 128)).item() > 120  # isotropic: about the width
+    line = torch.randn(4096, 1) * torch.randn(1, 128)  # rank one
+    assert polyview.effective_rank(line).item() == pytest.approx(1.0, abs=0.01)
+
+
+def test_the_measures_stay_float32_under_autocast():
+    z = torch.randn(32, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measured = [polyview.alignment(z), polyview.uniformity(z)]
+    assert all(x.dtype == torch.float32 for x in measured)
+    assert measured[0].item() == pytest.approx(naive_alignment(z), rel=1e-6)  # not bf16's 1e-2
+
+
 @pytest.mark.parametrize("z, expected", [
     ([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]], 100.0),  # each positive is its anchor itself
     ([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]], 0.0),    # each anchor's twin beats its positive
@@ -887,6 +954,8 @@ def test_each_objective_pretrains_and_probes_end_to_end(loss, shapes, tmp_path):
     assert json.loads((tmp_path / "args.json").read_text()) == checkpoint_args(tmp_path)
     assert all(0 <= r[key] <= 100 for r in steps for key in ("contrastive_top1", "online_probe_top1"))
     assert 0 <= epoch_end["online_val_top1"] <= 100
+    assert all(0 <= r["alignment"] <= 4 and -4 - 4 / 5 <= r["uniformity"] <= 0 for r in steps)  # K = 6
+    assert "alignment" not in epoch_end and 1 <= epoch_end["effective_rank"] <= 512
     assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert checkpoint["epoch"] == 1 and checkpoint["step"] == 2 and checkpoint["args"]["loss"] == loss.split()[0]
@@ -970,8 +1039,8 @@ def test_training_png_labels_step_under_the_bottom_row_and_percent_on_accuracies
     _, seen = watched_run
     axes = seen["figures"]["training.png"].axes
     assert [ax.get_title() for ax in axes] == [
-        "loss", "contrastive_top1", "online_probe_top1", "lr", "alignment (lower: views closer)",
-        "uniformity (lower: more spread out)", "effective_rank (higher: more dimensions used)", ""]
+        "loss", "contrastive_top1", "online_probe_top1", "lr", "alignment (lower is better)",
+        "uniformity (lower is better)", "effective_rank (higher is better)", ""]
     assert [ax.get_xlabel() for ax in axes] == ["", "", "", "", "step", "step", "step", ""]
     assert [ax.get_ylabel() for ax in axes] == ["", "%", "%", "", "", "", "", ""]
     assert not axes[-1].axison  # 7 panels in a 2 x 4 grid
@@ -1155,6 +1224,109 @@ def test_compare_labels_each_run_leaves_out_runs_without_points_and_ticks_plain_
     low, high = ax.get_xlim()
     ticks = [t.get_text() for t in ax.get_xticklabels(which="both") if low <= t.get_position()[0] <= high]
     assert ticks and all(re.fullmatch(r"[0-9]+", tick) for tick in ticks if tick), ticks  # 2, 3: not 2 x 10^0
+
+
+# ----------------------------------------------------------------------------------------------
+# A run folder's own faults: one line, exit 2 (or the signal's status), nothing lost
+# ----------------------------------------------------------------------------------------------
+
+
+def wait_for_a_checkpoint(run, out):
+    while not (out / "checkpoint.pt").exists() and run.poll() is None:
+        time.sleep(0.05)
+    assert run.poll() is None, "the run ended before its first checkpoint"
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_ends_in_one_line_and_resume_goes_on_from_the_checkpoint(signum, status, shapes,
+                                                                                     tmp_path):
+    flags = ["--views", "2", "--epochs", "3"]
+    run = subprocess.Popen(tiny_run(shapes, tmp_path, *flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    wait_for_a_checkpoint(run, tmp_path)
+    run.send_signal(signum)
+    _, error = run.communicate(timeout=120)
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert run.returncode == status and len(error.strip().splitlines()) == 1, error
+    assert error == (f"polyview.py: stopped by {signal.Signals(signum).name}: {tmp_path}/checkpoint.pt (epoch "
+                     f"{kept['epoch']}, step {kept['step']}) is kept as it was; --resume continues from it\n")
+    assert not list(tmp_path.glob("*.tmp"))  # no half-written file left behind
+    done = subprocess.run(tiny_run(shapes, tmp_path, *flags, "--resume"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and f"at epoch {kept['epoch']}, step {kept['step']}" in done.stdout, done.stderr
+    assert [r["step"] for r in records(tmp_path) if "online_val_top1" in r] == [2, 4, 6]  # every epoch, once
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_with_one_line(shapes, tmp_path):
+    command = tiny_run(shapes, tmp_path, "--views", "2", "--epochs", "20")
+    command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # its own process group, as a terminal's job
+    wait_for_a_checkpoint(run, tmp_path)
+    os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C does: every process of the group gets it
+    _, error = run.communicate(timeout=120)
+    ours = [line for line in error.splitlines() if line.startswith("polyview.py:")]
+    assert run.returncode != 0 and len(ours) == 1, error  # torchrun adds its own report of the signal
+    assert ours[0].startswith("polyview.py: stopped by SIGINT: ") and "--resume continues from it" in ours[0]
+
+
+def test_a_checkpoint_that_cannot_be_read_is_one_line_and_stays_as_it_was(runs, shapes, tmp_path, capsys):
+    import torchvision
+
+    flags = ["--views", "3", "--epochs", "2", "--resume"]
+    whole = (runs / "suffstats" / "checkpoint.pt").read_bytes()
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    for name, contents in [("cut short", whole[:len(whole) // 2]), ("random bytes", os.urandom(4096)),
+                           ("another program's", (tmp_path / "resnet18.pth").read_bytes())]:
+        out = tmp_path / name.replace(" ", "_").replace("'", "")
+        out.mkdir()
+        (out / "checkpoint.pt").write_bytes(contents)
+        (out / "metrics.jsonl").write_text('{"step": 2, "epoch": 0}\n')
+        with pytest.raises(SystemExit) as stop:
+            polyview.main(tiny_run(shapes, out, *flags)[2:])
+        error = capsys.readouterr().err
+        assert stop.value.code == 2 and len(error.strip().splitlines()) == 1, (name, error)
+        assert f"{out}/checkpoint.pt cannot be read as a checkpoint of polyview.py (" in error
+        assert error.endswith("): move it aside to start afresh\n"), error
+        assert (out / "checkpoint.pt").read_bytes() == contents, name  # nothing lost
+        assert (out / "metrics.jsonl").read_text() == '{"step": 2, "epoch": 0}\n'
+
+
+def test_a_checkpoint_of_other_classes_and_an_out_that_is_a_file_are_one_line(runs, shapes, tmp_path, capsys):
+    import shutil
+
+    other = draw_shapes(tmp_path / "four", per_class=4)  # a fourth class: the checkpoint learnt 3
+    shutil.copytree(other / "train" / "square", other / "train" / "star")
+    shutil.copytree(other / "val" / "square", other / "val" / "star")
+    shutil.copy(runs / "suffstats" / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    (tmp_path / "a_file").write_text("")
+    for data, out, message in [
+            (other, tmp_path, f"{tmp_path}/checkpoint.pt learnt 3 classes, --data {other} has 4"),
+            (shapes, tmp_path / "a_file", f"--out {tmp_path}/a_file cannot be a folder (File exists)"),
+            (shapes, tmp_path / "a_file" / "run", f"--out {tmp_path}/a_file/run cannot be a folder (Not a directory)")]:
+        with pytest.raises(SystemExit) as stop:
+            polyview.main(tiny_run(data, out, "--views", "3", "--epochs", "2", "--resume")[2:])
+        assert stop.value.code == 2 and capsys.readouterr().err == f"polyview.py: error: {message}\n"
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(shapes, tmp_path, monkeypatch, capsys):
+    import errno
+
+    real_save = torch.save
+
+    def full_disk(state, f):  # the second epoch's checkpoint finds the disk full
+        if isinstance(state, dict) and state.get("epoch") == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(state, f)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as stop:
+        polyview.main(tiny_run(shapes, tmp_path, "--views", "2", "--epochs", "3")[2:])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and error == (
+        f"polyview.py: error: could not write {tmp_path}/checkpoint.pt: No space left on device; "
+        f"{tmp_path}/checkpoint.pt (epoch 1, step 2) is kept as it was\n")
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_resuming_a_finished_run_goes_straight_to_its_probe(runs, shapes, tmp_path):
