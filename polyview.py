@@ -121,17 +121,17 @@ def similarities(z, temperature, anchors=None):
     with torch.autocast(z.device.type, enabled=False):
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         z = F.normalize(z, dim=-1)  # [K, M, D]
-        anchors_z = z[anchors]  # [A, M, D]
-        scaled = anchors_z / temperature  # 1 / tau, folded in once
+        scaled = z[anchors] / temperature  # [A, M, D]: 1 / tau, folded in once
         flat = scaled.flatten(0, 1) @ z.flatten(0, 1).T  # [A*M, K*M]
-        sim = flat.view(len(anchors_z), M, K, M)  # [A, M, K, M]
+        sim = flat.view(len(scaled), M, K, M)  # [A, M, K, M]
         # Own views by a small product: out of sim, they'd take a full-size gradient
-        own = torch.einsum("iad,ibd->iab", scaled, anchors_z)  # [A, M, M]
+        own = torch.einsum("iad,ibd->iab", scaled, z[anchors])  # [A, M, M]
     samples = torch.arange(K, device=z.device)
     same_sample = samples[anchors, None] == samples  # [A, K]: j = i
     sim = sim.masked_fill(same_sample[:, None, :, None], float("-inf"))  # as [A, 1, K, 1]
     positives = without_diagonal(own)  # [A, M, M-1]
     log_negatives = sim.logsumexp(dim=(2, 3))  # [A, M]
+    anchors_z = z[anchors]  # [A, M, D]
     return anchors_z, sim, positives, log_negatives
 
 def simclr_loss(z, temperature, anchors=None):
