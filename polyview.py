@@ -30,40 +30,40 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 
 # ======================================================================
-# Part I. The method; each name defined before use, but Part II's helpers (Log, save, ...)
+# Part I. The method: names defined before use, except calls into Part II (Log, save...)
 # ======================================================================
 # ---- 0. The recipe ---------------------------------------------------
 # SimCLR's settings (Chen et al., 2020) for the paper's run; parse_args makes them flags
 RECIPE = dict(  # name=(default, what it is and why)
     loss=("suffstats", "the objective (section 1)"),
     views=(8, "M views per image: the paper's Figures 3a and 5 (simclr: 2)"),
-    batch_size=(256, "K images a step, over all GPUs: the paper's headline run"),
-    epochs=(128, "the headline run's; 0 probes the backbone as it is"),
+    batch_size=(256, "K images a step, all GPUs': the paper's headline run"),
+    epochs=(128, "the headline run's; 0 probes the backbone alone"),
     arch=("resnet50", "the backbone"),
-    dataset=("imagenet", "imagenet, folder: DATA/train, DATA/val; cifar10; fake"),
-    data=("./data", "the dataset's folder, or where CIFAR is downloaded"),
+    dataset=("imagenet", "or folder (DATA/train, DATA/val), cifar10, cifar100, fake"),
+    data=("./data", "the dataset's folder, or CIFAR's download"),
     image_size=(224, "the crop's side (CIFAR: 32)"),
-    lr_scaling=("sqrt", "peak lr sqrt(K), better at small K (SimCLR's B.1), or lr K/256"),
+    lr_scaling=("sqrt", "peak lr sqrt(K), best at small K (SimCLR's B.1), or lr K/256"),
     lr=(dict(sqrt=0.075, linear=0.3), "base lr, by --lr-scaling: 4.8 at K = 4096 both"),
     warmup_epochs=(10.0, "linear warm-up, at most a tenth of the run; then cosine"),
     temperature=(0.1, "tau, SimCLR's on ImageNet"),
     weight_decay=(1e-6, "LARS's, not on BatchNorm and biases"),
-    precision=("auto", "autocast: bf16 where GPUs have it, fp16 below, fp32 on CPUs"),
+    precision=("auto", "bf16 where GPUs have it, fp16 below, fp32 on CPUs"),
     device=("cuda" if torch.cuda.is_available() else "cpu", "cuda or cpu"),
-    supervised=(False, "supcon only: every view of the anchor's class is a positive"),
-    weights=(None, "a state_dict for the backbone: backbone.pt, or torchvision's"),
+    supervised=(False, "supcon: all views of the anchor's class are positives"),
+    weights=(None, "the backbone's state_dict: backbone.pt, or torchvision's"),
     compile=(False, "torch.compile the backbone"),
-    probe_epochs=(90, "the fast probe's epochs, 1,000 steps or more; 0: none"),
+    probe_epochs=(90, "fast probe epochs, 1,000 steps or more; 0: none"),
     workers=(8, "data-loading processes per GPU"),
-    seed=(0, "seeds the weights, the data order and every view"),
+    seed=(0, "of the weights, the data order and every view"),
     log_every=(50, "steps between log lines"),
     out=("runs/polyview", "the run folder"),
 )
-# SimCLR's CIFAR-10 recipe at 64 px or less (and PolyViewNet's stem, device_augment's)
+# At 64 px or less (args.small_images), SimCLR's CIFAR-10 recipe; also a stem and colours
 SMALL_IMAGES = dict(batch_size=512, temperature=0.5, weight_decay=1e-4,
                     lr=dict(sqrt=2 / 512**0.5, linear=1.0))
 
-def rank():  # under torchrun (section 7), this process's number of world_size()
+def rank():  # this process's index, 0 to world_size() - 1 (section 7)
     return int(os.environ.get("RANK", 0))
 
 def world_size():
@@ -78,9 +78,9 @@ def world_size():
 # In the family L = E phi(sum_n psi(d+ - d-_n)), with d = 1 - <z, z'>, InfoNCE is
 # phi(x) = log(eps + x) and psi(x) = exp(x / tau), as psi(d+ - d-_n) = exp(s_n - s+);
 # eps = 1 (NT-Xent) or 0 (DCL). (A course's phi = tau log(eps + x) gives tau times ours.)
-# A term that picks its positive out of C candidates bounds a mutual information by
-# log C - L < log C (Oord et al., 2018): the poly-view objectives bound I(x_a; X_-a),
-# between a view and the other M - 1 of its sample, with C = M(K - 1) + 1, rising with M.
+# A term picking its positive out of C candidates gives I >= log C - L, which stays under
+# log C (Oord et al., 2018). Poly-view bounds I(x_a; X_-a) between a view x_a and the M - 1
+# others X_-a of its sample, with C = M(K - 1) + 1, rising with M.
 
 def without_diagonal(x):
     """x [..., M, M] -> [..., M, M - 1]: row a keeps x[..., a, b] for b != a, in order (at
@@ -108,7 +108,7 @@ def check(z, temperature, anchors):
 
 def similarities(z, temperature, anchors=None):
     """What the objectives share. `anchors`, a slice of sample indices, picks the A samples
-    whose views are anchors, against all of z [K, M, D] (a process's share of a batch):
+    whose views are anchors, against all of z [K, M, D] (so a process takes its share):
 
         anchors_z      [A, M, D]      z[i,a], normalised
         sim            [A, M, K, M]   s(ia, jg); -inf at j = i: own views are no negatives
@@ -124,7 +124,7 @@ def similarities(z, temperature, anchors=None):
         scaled = z[anchors] / temperature  # [A, M, D]: 1 / tau, folded in once
         flat = scaled.flatten(0, 1) @ z.flatten(0, 1).T  # [A*M, K*M]
         sim = flat.view(len(scaled), M, K, M)  # [A, M, K, M]
-        # Own views by a small product: out of sim, they'd take a full-size gradient
+        # Positives by a small product: read from sim, they'd add a full-size gradient
         own = torch.einsum("iad,ibd->iab", scaled, z[anchors])  # [A, M, M]
     samples = torch.arange(K, device=z.device)
     same_sample = samples[anchors, None] == samples  # [A, K]: j = i
@@ -153,7 +153,7 @@ def multicrop_loss(z, temperature, anchors=None):
 
         l[i,a,b] = -s(ia, ib) + log( exp s(ia, ib) + sum_{j != i} [exp s(ia, ja) + exp s(ia, jb)] ),
         L = mean over i, a, b != a.
-    Family: SimCLR's, per pair; 1 : 2(K - 1) for any M; log(2K - 1) - L bounds a pair's MI."""
+    Family: SimCLR's, per pair; 1 : 2(K - 1) for any M; log(2K - 1) - L bounds I(x_a; x_b)."""
     _, sim, positives, _ = similarities(z, temperature, anchors)
     per_view = sim.logsumexp(dim=2)  # [A, M, M]: log sum_{j != i} exp s(ia, jg)
     diagonal = per_view.diagonal(dim1=1, dim2=2)  # [A, M]: g = a
@@ -178,8 +178,8 @@ def arithmetic_loss(z, temperature, anchors=None):
         L = mean over i, a of -log( 1/(M-1) sum_{b != a} p[i,a,b] ).
     Outside the family: a log of a mean of softmaxes. With Geometric's candidates,
     log(M(K - 1) + 1) - L bounds I(x_a; X_-a); by AM >= GM, L <= Geometric's (= at M = 2)."""
-    # A deliberate reading: copies of the paper's pseudo-code have logsumexp(losses) -
-    # log(k) here; we follow the name and the AM >= GM order against Geometric.
+    # A deliberate reading: copies of the paper's pseudo-code write logsumexp of the pair
+    # losses - log(M - 1) here; we follow the name and the AM >= GM order against Geometric.
     _, _, positives, log_negatives = similarities(z, temperature, anchors)
     log_negatives = log_negatives[..., None]  # [A, M, 1]
     log_p = positives - torch.logaddexp(positives, log_negatives)  # [A, M, M-1]
@@ -194,8 +194,8 @@ def suffstats_loss(z, temperature, anchors=None):
         L = mean over i, a of -u[i,a] + log( exp u[i,a] + N[i,a] ).
     Family: SimCLR's; 1 : M(K - 1); log(M(K - 1) + 1) - L bounds I(x_a; X_-a). At M = 2,
     t[i,a] is the other view: SimCLR."""
-    # A deliberate reading: the others' mean is the rest-set's sufficient statistic (the
-    # exponential-family argument), against PVC's negatives: SimCLR at M = 2.
+    # A deliberate reading: the positive is the others' mean (their sufficient statistic,
+    # by the exponential-family argument), against PVC's negatives: SimCLR at M = 2.
     anchors_z, _, _, log_negatives = similarities(z, temperature, anchors)
     others = anchors_z.sum(dim=1, keepdim=True) - anchors_z  # [A, M, D]
     t = F.normalize(others, dim=-1)
@@ -241,7 +241,6 @@ LOSSES = {"simclr": simclr_loss, "multicrop": multicrop_loss,
           "geometric": geometric_loss, "arithmetic": arithmetic_loss,
           "suffstats": suffstats_loss, "supcon": supcon_loss, "dcl": dcl_loss}
 
-
 # ---- 2. Views: crops and flips on the CPU, colour on the device -----
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, in the model
 
@@ -267,8 +266,8 @@ class MultiView(torch.utils.data.Dataset):
         image, label = self.dataset[index]
         return torch.stack([self.transform(image) for _ in range(self.num_views)]), label
 
-# Colour: drawn on the device for a batch [N, 3, H, W] in [0, 1], a draw a tensor [N] (on
-# the CPU it costs more than the decode). The pixel arithmetic is Part II's "Views, fast".
+# Colour, on the device (on the CPU it costs more than decoding): images [N, 3, H, W] in
+# [0, 1], a random draw per view, as a tensor [N]. Pixel arithmetic: Part II, "Views, fast".
 def colour_jitter(images, strength, p=0.8):
     """SimCLR's RandomApply([ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)], p = 0.8), per view:
     brightness, contrast and saturation factors ~ U[max(0, 1 - 0.8s), 1 + 0.8s], a hue
@@ -331,7 +330,7 @@ class PolyViewNet(nn.Module):
         return self.backbone((images - self.mean) / self.std)
 
     def forward(self, views):
-        """views [n, M, 3, H, W] -> (z [n, M, 128], online probe logits [n*M, classes])."""
+        """views [n, M, 3, H, W] -> (z [n, M, dim], online probe logits [n*M, classes])."""
         n, M = views.shape[:2]
         features = self.features(views.flatten(0, 1))  # [n*M, width]
         z = self.projector(features).view(n, M, -1)
@@ -372,7 +371,7 @@ def uniformity(z):
 @torch.no_grad()
 def effective_rank(features):
     """RankMe (Garrido et al., 2023): exp(-sum_k p_k log p_k), p_k = s_k / sum_j s_j + 1e-7,
-    s the singular values of features [N, width]: width if isotropic, 1 on a line."""
+    s the singular values of features [N, width]: min(N, width) if isotropic, 1 if a line."""
     sigma = torch.linalg.svdvals(features)
     p = sigma / sigma.sum() + 1e-7
     return torch.exp(-(p * p.log()).sum())
@@ -410,7 +409,7 @@ def val_pass(model, dataset, device, args):
 @torch.no_grad()
 def knn(train_x, train_y, val_x, k=20, temperature=0.07):
     """The k-NN probe (Wu et al., 2018): a val image's k most cosine-similar train images
-    vote exp(similarity / 0.07) each. Returns predictions and neighbours [N_val, k]."""
+    vote exp(similarity / temperature) each. Returns predictions, neighbours [N_val, k]."""
     train_norms = train_x.norm(dim=1).clamp_min(1e-12)  # no normalised copy
     predictions, neighbours = [], []
     for queries in F.normalize(val_x, dim=1).split(256):  # [B, width]
@@ -425,7 +424,7 @@ def knn(train_x, train_y, val_x, k=20, temperature=0.07):
 
 def linear_probe(train_x, train_y, val_x, val_y, epochs, device, min_steps=1000):
     """Top-1 and top-5 (None under 5 classes) % of a linear classifier on standardised
-    frozen features (train_x in place: ImageNet's is 10.5 GB), AdamW, cosine, max(epochs
+    frozen features (train_x in place: ImageNet's is 10.5 GB), AdamW, cosine, max(epochs x
     ceil(N / 1024), min_steps) steps of 1,024: 112,680 on ImageNet at 90 epochs."""
     classes = int(max(train_y.max(), val_y.max())) + 1
     mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
@@ -569,12 +568,12 @@ def peak_learning_rate(args):
 STREAMS = ("views", "order", "weights", "probe")  # a run's random streams
 
 def stream_seed(stream, seed, rank=0, epoch=0):
-    """(stream, seed, rank, epoch) mixed by SeedSequence: no two share a stream."""
+    """(stream, seed, rank, epoch) mixed by SeedSequence, unlike a sum: a stream each."""
     entropy = [STREAMS.index(stream), seed, rank, epoch]
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 def start_processes(args):
-    """The device; under torchrun (RANK set, as nanoGPT's), a process's GPU and its group."""
+    """The device; under torchrun (RANK is set, as in nanoGPT), a GPU and a group."""
     device = torch.device(args.device)
     if "RANK" in os.environ:
         if device.type == "cuda":
@@ -585,7 +584,7 @@ def start_processes(args):
     return device
 
 def build_model(args, classes, device, lr, checkpoint=None):
-    """(model to call, plain module, LARS, fp16's loss scaler), from a checkpoint if any."""
+    """(model to call, plain module, LARS, fp16's scaler), from a checkpoint if any."""
     torch.manual_seed(stream_seed("weights", args.seed))  # the same on every rank
     model = PolyViewNet(args.arch, args.small_images, classes)
     if checkpoint:
@@ -634,7 +633,7 @@ def train(args):
     for epoch in range(first_epoch, args.epochs):
         model.train()
         # Seeded by epoch: a resumed run draws the views and order it would have drawn.
-        sampler.seed = stream_seed("order", args.seed, 0, epoch)
+        sampler.seed = stream_seed("order", args.seed, 0, epoch)  # split by rank
         torch.manual_seed(stream_seed("views", args.seed, rank(), epoch))
         for crops, labels in log.timed(loader):  # [n, M, 3, H, W] uint8, [n]
             crops = crops.to(device, non_blocking=True)
