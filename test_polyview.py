@@ -1,6 +1,6 @@
 """Tests for polyview: the objectives against naive loops, then the training program end to end.
 
-Run with `python -m pytest` from the repository root (about 4 minutes on two CPU cores).
+Run with `python -m pytest` from the repository root (about 7 minutes on two CPU cores).
 """
 import argparse
 import csv
