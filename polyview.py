@@ -704,13 +704,15 @@ def parse_args(argv=None):  # RECIPE's flags, checked before any data or GPU is 
         raise UserError(f"--loss {args.loss} --views {args.views}: {error}", everywhere=True)
     device, world = args.device.split(":")[0], world_size()
     if args.supervised and args.loss != "supcon":
-        raise UserError(f"--supervised is supcon's form, not --loss {args.loss}", True)
+        raise UserError(f"--supervised is supcon's form, not --loss {args.loss}", everywhere=True)
     if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} must divide among {world} processes", True)
+        raise UserError(f"--batch-size {args.batch_size} must divide among {world} processes",
+                        everywhere=True)
     if args.benchmark and world > 1:
-        raise UserError("--benchmark measures one GPU: run it with python, not torchrun", True)
+        raise UserError("--benchmark measures one GPU: run it with python, not torchrun",
+                        everywhere=True)
     if device not in ("cuda", "cpu") or device == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} is none here: cuda, if a GPU shows, or cpu", True)
+        raise UserError(f"--device {args.device}: no such device here", everywhere=True)
     args.precision_reason = "--precision"
     if args.precision == "auto" and device == "cpu":
         args.precision, args.precision_reason = "fp32", "auto: on the CPU"
@@ -736,7 +738,7 @@ def agree(work):  # work() on every process; a UserError on any, on all (else th
         dist.all_gather_object(errors, error)  # also where the processes wait for each other
     for where, message in enumerate(errors):
         if message:
-            raise UserError(message if where == 0 else f"(rank {where}) {message}", True)
+            raise UserError(message if where == 0 else f"(rank {where}) {message}", everywhere=True)
     return result
 
 def stop(signum, frame):  # SIGINT, SIGTERM: a KeyboardInterrupt (data workers end quietly)
@@ -827,8 +829,7 @@ def read_dataset(args, decode):  # (train, val) on every process; val's classes 
         return train, val
     if not cifar:
         return agree(read)
-    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    downloaded = agree(lambda: read(download=True) if first else None)
+    downloaded = agree(lambda: None if int(os.environ.get("LOCAL_RANK", 0)) else read(True))
     return agree(lambda: downloaded or read())
 
 def gather_to_rank_0(features, labels, total):  # all ranks' rows on rank 0, in order, unpadded
@@ -991,8 +992,8 @@ class Log:  # OUT/metrics.jsonl, printed: means over steps and ranks; a clock pa
             save(self.path.with_name("args.json"), json.dumps(vars(args), indent=1))
             if not checkpoint and self.path.exists():  # a run here that made no checkpoint
                 os.replace(self.path, self.path.with_name("metrics.old.jsonl"))
-            kept = read_metrics(self.path) if checkpoint else []  # cut back to the checkpoint:
-            kept = [json.dumps(r) + "\n" for r in kept if r["step"] <= checkpoint["step"]]
+            records = read_metrics(self.path) if checkpoint else []  # cut back to the checkpoint:
+            kept = [json.dumps(r) + "\n" for r in records if r["step"] <= checkpoint["step"]]
             save(self.path, "".join(kept))
             print(f"{args.loss}: K={args.batch_size} images x M={args.views} views per step on "
                   f"{world_size()} x {args.device} in {args.precision} ({args.precision_reason}), "
@@ -1029,13 +1030,13 @@ class Log:  # OUT/metrics.jsonl, printed: means over steps and ranks; a clock pa
         skipped, read = counts.tolist()
         if skipped > 0.01 * read and read >= self.enough:
             raise UserError(f"{skipped:.0f} of {read:.0f} images ({skipped / read:.0%}) could not "
-                            "be decoded, more than 1%: check --data (the warnings name them)", True)
+                            "be decoded, more than 1%: check --data", everywhere=True)
         losses = stats[:, names.index("loss")]
         if not torch.isfinite(losses).all():  # the weights are poisoned: keep the checkpoint
             first = int((~torch.isfinite(losses)).nonzero()[0, 0])
             at = f"step {step - len(stats) + first + 1} (epoch {epoch})"
             raise UserError(f"loss is {losses[first].item()} at {at}; stopping: "
-                            + checkpoint_kept(self.args.out), True)
+                            + checkpoint_kept(self.args.out), everywhere=True)
         means = dict(zip(names, stats.mean(dim=0).tolist()))
         self.write(step=step, epoch=epoch, **means, lr=lr, data_wait=self.waited / seconds,
                    views_per_s=len(stats) * self.views_per_step / seconds,
