@@ -941,6 +941,13 @@ def records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def wait_for_a_checkpoint(run, out):
+    """Until a subprocess's run has written its first checkpoint; it must still be running."""
+    while not (out / "checkpoint.pt").exists() and run.poll() is None:
+        time.sleep(0.01)
+    assert run.poll() is None, "the run ended before its first checkpoint"
+
+
 @pytest.mark.parametrize("loss", [*LOSSES, "supcon --supervised"])
 def test_each_objective_pretrains_and_probes_end_to_end(loss, shapes, tmp_path):
     views = "2" if loss == "simclr" else "3"
@@ -1056,8 +1063,7 @@ def test_a_killed_run_resumes_where_it_stopped(precision, shapes, tmp_path):
     assert done.returncode == 0, done.stderr
 
     run = subprocess.Popen(tiny_run(shapes, killed, *flags), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (killed / "checkpoint.pt").exists() and run.poll() is None:
-        time.sleep(0.01)
+    wait_for_a_checkpoint(run, killed)
     run.send_signal(signal.SIGKILL)  # as soon as the first epoch's checkpoint is there
     run.wait()
     assert torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"] == 1, "killed too late to test a resume"
@@ -1229,12 +1235,6 @@ def test_compare_labels_each_run_leaves_out_runs_without_points_and_ticks_plain_
 # ----------------------------------------------------------------------------------------------
 # A run folder's own faults: one line, exit 2 (or the signal's status), nothing lost
 # ----------------------------------------------------------------------------------------------
-
-
-def wait_for_a_checkpoint(run, out):
-    while not (out / "checkpoint.pt").exists() and run.poll() is None:
-        time.sleep(0.05)
-    assert run.poll() is None, "the run ended before its first checkpoint"
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
